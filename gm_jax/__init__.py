@@ -1,0 +1,1 @@
+"""gm_jax: likelihood-based generative models of images in JAX/Flax."""

@@ -1,0 +1,137 @@
+"""The base experiment config, argument parsing for ``get_config`` and checks.
+
+Every file in ``configs/`` builds on ``base_config()`` and fills in the
+sections::
+
+  config.seed
+  config.data    where the images come from (see gm_jax.data)
+  config.model   everything the family's ``make`` needs; nothing else
+  config.optim   optimizer, learning-rate schedule, clipping, EMA
+  config.train   steps, batch sizes, logging / eval / sample cadence
+  config.ckpt    checkpoint cadence and retention
+
+``get_config(arg)`` takes a comma-separated argument string; ``smoke`` in it
+shrinks the run to seconds for tests. Configs are returned locked, so an
+override of a key that does not exist (a typo) fails loudly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import ml_collections
+
+SCHEDULES = ("constant", "cosine", "exponential", "piecewise")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The defaults shared by every experiment (unlocked: the caller fills it)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "embedded_mnist"  # embedded_mnist | tfds | folder
+  config.data.name = ""  # tfds name, e.g. "mnist", "binarized_mnist", "cifar10"
+  config.data.path = ""  # the image folder, for source="folder"
+  config.data.data_dir = ""  # tfds data_dir; "" uses tfds's default
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.image_size = 0  # folder source: resize to this square size; 0 keeps
+  config.data.grayscale = False  # folder source: convert to one channel
+  config.data.cache_in_memory = True  # read a tfds split into RAM once
+
+  config.model = ml_collections.ConfigDict()
+  config.model.family = ""
+  config.model.image_shape = (28, 28, 1)
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adam"  # adam | adamw
+  config.optim.learning_rate = 1e-3
+  config.optim.schedule = "constant"  # constant|cosine|exponential|piecewise
+  config.optim.warmup_steps = 0
+  config.optim.decay_rate = 1.0  # exponential: lr * decay_rate^(step / decay_steps)
+  config.optim.decay_steps = 1
+  config.optim.min_learning_rate_ratio = 0.0  # cosine floor, relative
+  config.optim.piecewise_boundaries = ()  # piecewise: steps where lr drops
+  config.optim.piecewise_factor = 0.1  # piecewise: lr multiplier per boundary
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.0
+  config.optim.grad_clip = 0.0  # global-norm clip; 0 disables
+  config.optim.ema_decay = 0.999  # 0 disables (EMA params track params)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 10_000
+  config.train.batch_size = 128  # global, over all devices and processes
+  config.train.eval_batch_size = 256  # global
+  config.train.eval_examples = -1  # test examples per periodic eval; -1 = all
+  config.train.log_every = 100
+  config.train.eval_every = 2_000
+  config.train.sample_every = 2_000
+  config.train.num_samples = 64
+  config.train.compilation_cache_dir = "~/.cache/gm_jax/jax_compilation_cache"
+
+  config.ckpt = ml_collections.ConfigDict()
+  config.ckpt.every_steps = 1_000
+  config.ckpt.max_to_keep = 3
+  return config
+
+
+def parse_args(arg: Optional[str], allowed: Iterable[str]) -> set[str]:
+  """Splits ``get_config``'s argument "smoke,mlp" into {"smoke", "mlp"}.
+
+  Raises:
+    ValueError: naming any word not in ``allowed``.
+  """
+  words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+  unknown = words - set(allowed)
+  if unknown:
+    raise ValueError(
+        f"Unknown config argument(s) {sorted(unknown)}; this config accepts"
+        f" {sorted(allowed)}.")
+  return words
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks the schedule of a run to a few seconds (model sizes are the
+  config file's business)."""
+  config.train.num_steps = 4
+  config.train.batch_size = 8
+  config.train.eval_batch_size = 8
+  config.train.eval_examples = 16
+  config.train.log_every = 2
+  config.train.eval_every = 4
+  config.train.sample_every = 4
+  config.train.num_samples = 4
+  config.ckpt.every_steps = 2
+  config.optim.warmup_steps = min(config.optim.warmup_steps, 2)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that ml_collections' types cannot, with messages that name
+  the key. Raises ValueError."""
+  def need(cond, message):
+    if not cond:
+      raise ValueError(f"Invalid config: {message}")
+
+  need(config.optim.name in OPTIMIZERS,
+       f"optim.name={config.optim.name!r}, expected one of {OPTIMIZERS}.")
+  need(config.optim.schedule in SCHEDULES,
+       f"optim.schedule={config.optim.schedule!r}, expected one of"
+       f" {SCHEDULES}.")
+  need(config.optim.learning_rate > 0,
+       f"optim.learning_rate={config.optim.learning_rate} must be positive.")
+  need(0.0 <= config.optim.ema_decay < 1.0,
+       f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1).")
+  need(config.train.num_steps >= 0,
+       f"train.num_steps={config.train.num_steps} must be >= 0.")
+  for key in ("batch_size", "eval_batch_size", "log_every", "eval_every",
+              "sample_every"):
+    need(config.train[key] > 0, f"train.{key}={config.train[key]} must be > 0.")
+  need(config.ckpt.every_steps > 0,
+       f"ckpt.every_steps={config.ckpt.every_steps} must be > 0.")
+  need(len(tuple(config.model.image_shape)) == 3,
+       f"model.image_shape={tuple(config.model.image_shape)} must be"
+       " (H, W, C).")
