@@ -11,3 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+# Identical programs (the same smoke model compiled by several tests) are
+# compiled once per session.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  tempfile.mkdtemp(prefix="gm_jax_test_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
