@@ -46,15 +46,41 @@ def initialize_distributed() -> None:
     if fl[_NUM_PROCESSES].value is None or fl[_PROCESS_ID].value is None:
       raise ValueError("--coordinator_address needs --num_processes and"
                        " --process_id.")
-    if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get(
-        "JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between CPU devices of different processes (tests, CPU
+    # clusters); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=fl[_COORDINATOR].value,
         num_processes=fl[_NUM_PROCESSES].value,
         process_id=fl[_PROCESS_ID].value)
   elif fl.distributed == "auto":
     jax.distributed.initialize()
+
+
+def _tuples(value):
+  """JSON turns tuples into lists; configs use tuples for shapes."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_config(config, workdir: str):
+  """The config given on the command line, else the workdir's config.json."""
+  import ml_collections
+  if config is not None:
+    return config
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: is {workdir} a training workdir? Pass"
+        " --config=<the config file it was trained with>.")
+  with open(path) as f:
+    import json
+    loaded = ml_collections.ConfigDict(_tuples(json.load(f)))
+  loaded.lock()
+  return loaded
 
 
 def is_main_process() -> bool:

@@ -465,6 +465,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return final
 
 
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                          step: Optional[int] = None, *,
+                          devices: Optional[Sequence[jax.Device]] = None):
+  """Loads a workdir's checkpoint for evaluation or sampling.
+
+  Args:
+    config: the config the workdir was trained with (model and optim must
+      match; train and data may differ).
+    workdir: the training run's folder.
+    step: the checkpoint step; None for the newest readable one.
+    devices: the devices of the data mesh (default: all).
+
+  Returns:
+    (family, ema_params, step, mesh).
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint (at that step).
+  """
+  config_lib.validate(config)
+  family = make_family(config.model)
+  mesh = sharding_lib.make_mesh(devices)
+  replicated = sharding_lib.replicated(mesh)
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  shape = (config.train.eval_batch_size,) + tuple(config.model.image_shape)
+  dummy = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
+           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+  abstract_state = _abstract(
+      jax.eval_shape(make_init_fn(family, tx), jax.random.PRNGKey(0), dummy),
+      replicated)
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  try:
+    available = checkpointer.all_steps()
+    if not available:
+      raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}.")
+    if step is None:
+      step, state = checkpointer.restore_latest(abstract_state)
+    elif step not in available:
+      raise FileNotFoundError(
+          f"No checkpoint at step {step} in {checkpointer.directory};"
+          f" available steps: {available}.")
+    else:
+      state = checkpointer.restore(step, abstract_state)
+  finally:
+    checkpointer.close()
+  return family, state.ema_params, step, mesh
+
+
 def _print(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
