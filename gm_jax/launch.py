@@ -95,10 +95,35 @@ def run(main) -> None:
       logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       return main(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError,
-            RuntimeError, KeyError) as e:
+    except (ValueError, OSError, FloatingPointError, RuntimeError,
+            KeyError) as e:
       if os.environ.get("GM_JAX_TRACEBACK"):
         raise
       print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
       sys.exit(1)
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config errors (an unknown key, a bad config
+  argument) reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # config_flags raises through many layers
+    if os.environ.get("GM_JAX_TRACEBACK"):
+      raise
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    def clean(text):
+      return " ".join(str(text).replace("\\n", " ").replace("\\'", "'")
+                      .strip("'\"").split())
+    if isinstance(cause, KeyError):
+      print("error: unknown config key " + clean(e).replace("'", ""),
+            file=sys.stderr)
+    else:
+      print(f"error: {clean(e)}", file=sys.stderr)
+      if cause is not e:
+        print(f"  caused by {type(cause).__name__}: {clean(cause)}",
+              file=sys.stderr)
+    sys.exit(2)
