@@ -16,8 +16,7 @@ Murray, 2011), which must be prepared once with TensorFlow installed
       --workdir=/tmp/vae_binarized_mnist
 """
 
-from gm_jax import config_lib
-from gm_jax import vae
+from gm_jax import config_lib, vae
 
 TRAIN_EXAMPLES = 50_000
 BATCH_SIZE = 20

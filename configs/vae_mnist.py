@@ -13,8 +13,7 @@ tests), ``mlp`` (the IWAE paper's MLP instead of the conv net), ``logistic``
 (8-bit data with a discretized logistic decoder instead of binarization).
 """
 
-from gm_jax import config_lib
-from gm_jax import vae
+from gm_jax import config_lib, vae
 
 
 def get_config(arg=None):

@@ -66,7 +66,7 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         state = self.restore(step, abstract_state)
-        _check_finite_structure(state, abstract_state)
+        _check_structure(state, abstract_state)
         return step, state
       except Exception as e:  # orbax/tensorstore raise many error types
         moved_to = self._quarantine(step)
@@ -105,7 +105,7 @@ class Checkpointer:
     self._manager.close()
 
 
-def _check_finite_structure(state: Any, abstract_state: Any) -> None:
+def _check_structure(state: Any, abstract_state: Any) -> None:
   got = jax.tree_util.tree_structure(state)
   want = jax.tree_util.tree_structure(abstract_state)
   if got != want:

@@ -32,7 +32,8 @@ def test_discretized_logistic_matches_cdf_difference():
   mean, log_scale = 0.1, -3.0
   s = math.exp(log_scale)
   h = 1 / 255
-  sig = lambda v: 1 / (1 + math.exp(-v))
+  def sig(v):
+    return 1 / (1 + math.exp(-v))
   want = math.log(sig((x + h - mean) / s) - sig((x - h - mean) / s))
   got = losses.discretized_logistic_log_prob(x, mean, log_scale)
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -70,7 +70,7 @@ def test_two_processes_match_one_process(four_device_run, tmp_path):
           text=True) for i in range(2)
   ]
   outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs, strict=False):
     assert p.returncode == 0, err[-3000:]
   two = metrics.read_metrics(workdir, "train")
   one = metrics.read_metrics(reference, "train")

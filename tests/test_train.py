@@ -51,7 +51,7 @@ def assert_trees_equal(a, b):
   leaves_a, tree_a = jax.tree_util.tree_flatten(a)
   leaves_b, tree_b = jax.tree_util.tree_flatten(b)
   assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
+  for x, y in zip(leaves_a, leaves_b, strict=False):
     np.testing.assert_array_equal(x, y)
 
 
@@ -209,7 +209,7 @@ def test_resuming_with_another_model_is_refused(reference_run, tmp_path):
 def test_train_indices_are_deterministic_epoch_permutations():
   a = [train.train_indices(10, 3, 0, s) for s in range(6)]
   b = [train.train_indices(10, 3, 0, s) for s in range(6)]
-  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
   epoch0 = np.concatenate(a[:3])
   assert len(set(epoch0)) == 9  # no repeats within an epoch
   assert not np.array_equal(np.concatenate(a[3:]), epoch0)

@@ -78,7 +78,8 @@ def test_iwae_tightens_with_k_and_stays_below_log_marginal():
 
 def test_iwae_chunks_are_one_logsumexp():
   x = _data()
-  encode = lambda x: (0.4 * x, jnp.full_like(x, -0.3))
+  def encode(x):
+    return (0.4 * x, jnp.full_like(x, -0.3))
   key = jax.random.PRNGKey(5)
   got = vae.iwae_bound(key, x, encode, _log_likelihood, 12, chunk_size=4)
   mean, log_std = encode(x)
@@ -99,7 +100,8 @@ def test_reparameterization_carries_gradients():
   x = _data()
 
   def neg_elbo(shift):
-    encode = lambda x: (x * 0.5 + shift, jnp.zeros_like(x))
+    def encode(x):
+      return (x * 0.5 + shift, jnp.zeros_like(x))
     return -vae.elbo(jax.random.PRNGKey(0), x, encode, _log_likelihood)[
         "elbo"].sum()
 
