@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.eps = 1e-8
   config.optim.weight_decay = 0.0
   config.optim.grad_clip = 0.0  # global-norm clip; 0 disables
-  config.optim.ema_decay = 0.999  # 0 disables (EMA params track params)
+  # EMA of the parameters, used for evaluation and samples; the decay warms up
+  # as min(ema_decay, (1 + step) / (10 + step)). 0: EMA params = params.
+  config.optim.ema_decay = 0.999
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 10_000

@@ -119,9 +119,12 @@ def make_train_step(family: Family, tx: optax.GradientTransformation,
     (loss, aux), grads = grad_fn(state.params, batch, key, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # The EMA's decay warms up as (1 + t) / (10 + t) so that the random
+    # initialisation is forgotten early in short runs.
+    step = state.step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
     ema_params = jax.tree_util.tree_map(
-        lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-        state.ema_params, params)
+        lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     grad_norm = optax.global_norm(grads)
     metrics = dict(aux)
     metrics.update(loss=loss, grad_norm=grad_norm,

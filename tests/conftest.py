@@ -10,7 +10,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_threefry_partitionable", True)
 
 # Identical programs (the same smoke model compiled by several tests) are
 # compiled once per session.

@@ -231,3 +231,24 @@ def test_schedules():
   schedule = train.make_schedule(optim, 10)
   np.testing.assert_allclose([schedule(2), schedule(4), schedule(7)],
                              [1.0, 0.5, 0.25])
+
+
+def test_train_step_updates_ema_with_warm_up():
+  """EMA decay is min(ema_decay, (1 + t) / (10 + t)) at step t."""
+  quadratic = Family(
+      init=lambda key, batch: {"w": jnp.ones((3,))},
+      loss=lambda params, batch, key, step: (jnp.sum(params["w"]**2), {}),
+      evaluate=None, sample=None)
+  config = smoke_config()
+  tx, schedule = train.make_optimizer(config.optim, 100)
+  step_fn = jax.jit(train.make_train_step(quadratic, tx, schedule, 0.999))
+  state = train.make_init_fn(quadratic, tx)(jax.random.PRNGKey(0), None)
+  ema, w = np.ones(3), np.ones(3)
+  for t in range(3):
+    state, metrics = step_fn(state, None, jax.random.PRNGKey(0))
+    decay = min(0.999, (1 + t) / (10 + t))
+    w = np.asarray(state.params["w"])
+    ema = decay * ema + (1 - decay) * w
+    np.testing.assert_allclose(state.ema_params["w"], ema, rtol=1e-6)
+    assert bool(metrics["finite"])
+  assert int(state.step) == 3 and np.all(w < 1)
