@@ -1,0 +1,65 @@
+"""Glow (Kingma & Dhariwal, 2018) on the embedded MNIST digits (no download).
+
+L = 2 levels of (squeeze, K = 4 steps of actnorm / LU 1x1 conv / affine
+coupling, split with a learned conditional prior), width 64, on 8-bit digits
+uniformly dequantized, scaled to [0, 1) and logit-transformed. A small model
+sized for 2 CPU cores (about five minutes of training); test bits/dim on the
+500 held-out digits.
+Measured: test 2.28 bits/dim after the 1,200 steps (about 5 minutes of
+training on 2 busy CPU cores). The paper's MNIST figure is 1.05 bits/dim
+with L = 3, K = 32, width 512 and long training.
+
+  python scripts/train.py --config=configs/glow_mnist.py --workdir=/tmp/glow_mnist
+
+Arguments: ``smoke`` (seconds, for tests).
+"""
+
+from gm_jax import config_lib, flows
+
+
+def get_config(arg=None):
+  args = config_lib.parse_args(arg, allowed=("smoke",))
+  config = config_lib.base_config()
+  config.data.source = "embedded_mnist"
+
+  config.model = flows.default_model_config()
+  config.model.image_shape = (28, 28, 1)
+  config.model.architecture = "glow"
+  config.model.num_levels = 2
+  config.model.num_steps = 4
+  config.model.hidden_channels = 64
+  config.model.coupling = "affine"
+  config.model.scale_fn = "sigmoid"
+  config.model.permutation = "lu"
+  config.model.learned_split_prior = True
+  # The paper shifts to [-0.5, 0.5); on MNIST's mostly-black digits the
+  # logit transform trains much faster on a CPU budget (3.0 against 4.9
+  # train bits/dim after 300 steps).
+  config.model.preprocess = "logit"
+  config.model.logit_alpha = 0.05
+  config.model.sample_temperature = 0.7
+
+  config.optim.learning_rate = 1e-3
+  config.optim.schedule = "cosine"
+  config.optim.warmup_steps = 100
+  config.optim.grad_clip = 50.0
+  # The trainer's EMA starts at the initial parameters (no bias
+  # correction): 0.999 would still weigh them 0.3 after 1,200 steps.
+  config.optim.ema_decay = 0.99
+
+  config.train.num_steps = 1_200
+  config.train.batch_size = 64
+  config.train.eval_batch_size = 100
+  config.train.log_every = 100
+  config.train.eval_every = 1_200
+  config.train.sample_every = 400
+  config.ckpt.every_steps = 400
+
+  if "smoke" in args:
+    config_lib.apply_smoke(config)
+    config.model.num_levels = 1
+    config.model.num_steps = 1
+    config.model.hidden_channels = 8
+    config.model.visualize_temperatures = (0.7,)
+  config.lock()
+  return config

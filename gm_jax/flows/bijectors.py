@@ -1,0 +1,547 @@
+"""Bijectors: invertible Flax layers with exact, cheap log-determinants.
+
+The protocol
+------------
+A bijector is a ``flax.linen.Module`` with two methods::
+
+  forward_and_log_det(x) -> (y, log_det)   # data side -> latent side
+  inverse_and_log_det(y) -> (x, log_det)
+
+``x`` and ``y`` are batched arrays ``[B, ...]`` (their shapes may differ, e.g.
+``Squeeze``); ``log_det`` is per example, shape ``[B]``:
+``log|det dy/dx|`` for the forward and ``log|det dx/dy|`` for the inverse, so
+``inverse_and_log_det(forward(x))`` returns ``x`` and ``-log_det``. "Forward"
+is the normalising direction (data to the Gaussian base), the one training
+uses; sampling runs the inverse. To add a bijector, write a module with these
+two methods; parameters that both directions need are best created in one
+``@nn.compact`` helper that both methods call (see ``ActNorm``), or in
+``setup``. ``Chain`` composes bijectors and sums their log-dets.
+
+Every log-det here comes from a triangular (or diagonal) Jacobian structure:
+element-wise maps, coupling layers (block triangular: additive, affine or
+rational-quadratic spline), and the 1x1
+convolution in LU form (W = P L (U + diag(s))). Nothing calls
+``jnp.linalg.slogdet``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from gm_jax.flows import splines
+from gm_jax.losses import sum_except_batch
+
+Array = jax.Array
+
+COUPLING_KINDS = ("affine", "additive", "spline")
+MASKS = ("channel", "checkerboard")
+SCALE_FNS = ("sigmoid", "tanh")
+CONV_PARAMETERIZATIONS = ("lu", "plain")
+PERMUTATIONS = ("reverse", "shuffle")
+
+
+class Bijector(Protocol):
+  """The bijector protocol (structural; Flax modules implement it)."""
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    """Returns y = f(x) [B, ...] and log|det df/dx| [B]."""
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    """Returns x = f^-1(y) [B, ...] and log|det df^-1/dy| [B]."""
+
+
+def _batch_constant(value: Array, batch_size: int) -> Array:
+  """A per-example log-det [B] from one that does not depend on the example."""
+  return jnp.broadcast_to(value, (batch_size,))
+
+
+def _spatial_size(x: Array) -> int:
+  """H * W for x [B, H, W, C] (the number of positions a per-channel map
+  acts on)."""
+  return math.prod(x.shape[1:-1])
+
+
+def _random_orthogonal(seed: int, n: int) -> np.ndarray:
+  """A fixed random orthogonal n x n matrix (QR of a Gaussian, sign-fixed)."""
+  rng = np.random.RandomState(seed)
+  q, r = np.linalg.qr(rng.randn(n, n))
+  return q * np.sign(np.diag(r))[None, :]
+
+
+# ----------------------------------------------------------------------------
+# Composition.
+
+
+class Chain(nn.Module):
+  """Composition: forward applies ``layers`` in order, inverse in reverse.
+
+  log|det d(f_n o ... o f_1)/dx| = sum_i log|det df_i/dx_i| (chain rule).
+  """
+
+  layers: Sequence[nn.Module]
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    log_det = jnp.zeros((x.shape[0],), jnp.float32)
+    for layer in self.layers:
+      x, layer_log_det = layer.forward_and_log_det(x)
+      log_det = log_det + layer_log_det
+    return x, log_det
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    log_det = jnp.zeros((y.shape[0],), jnp.float32)
+    for layer in reversed(self.layers):
+      y, layer_log_det = layer.inverse_and_log_det(y)
+      log_det = log_det + layer_log_det
+    return y, log_det
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing: dequantization, scaling, logit.
+
+
+class UniformDequantize(nn.Module):
+  """Adds uniform noise to integer levels: y = x + u, u ~ U[0, 1)^D.
+
+  Not a bijection of the reals but of the discrete data onto its bins: the
+  inverse is floor (clipped to the levels). The map x -> x + u has unit
+  Jacobian, so its log-det is 0; the dequantization bound
+  log P(x) >= E_u log p(x + u) (each bin has volume 1 in level units) makes
+  the flow's continuous likelihood of y a bound on the discrete one. Draws u
+  from the Flax rng stream ``"dequantize"``.
+  """
+
+  num_bins: int = 256
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    u = jax.random.uniform(self.make_rng("dequantize"), x.shape, jnp.float32)
+    return x.astype(jnp.float32) + u, jnp.zeros((x.shape[0],), jnp.float32)
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    x = jnp.clip(jnp.floor(y), 0, self.num_bins - 1)
+    return x, jnp.zeros((y.shape[0],), jnp.float32)
+
+
+class ScalarAffine(nn.Module):
+  """y = scale * x + shift element-wise with constants; log-det = D log|scale|.
+
+  With scale = 1 / 256 this maps dequantized levels [0, 256) to [0, 1) and
+  contributes -D log 256, the D log(256) of the bits/dim accounting.
+  """
+
+  scale: float
+  shift: float = 0.0
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    num_dims = math.prod(x.shape[1:])
+    log_det = num_dims * math.log(abs(self.scale))
+    return (x * self.scale + self.shift,
+            jnp.full((x.shape[0],), log_det, jnp.float32))
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    num_dims = math.prod(y.shape[1:])
+    log_det = -num_dims * math.log(abs(self.scale))
+    return ((y - self.shift) / self.scale,
+            jnp.full((y.shape[0],), log_det, jnp.float32))
+
+
+class Logit(nn.Module):
+  """RealNVP's logit transform of data in [0, 1].
+
+  p = alpha + (1 - 2 alpha) x keeps away from 0 and 1, then y = log p -
+  log(1 - p). log|dy/dx| = log(1 - 2 alpha) - log p - log(1 - p) per element.
+  """
+
+  alpha: float = 0.05
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    p = self.alpha + (1.0 - 2.0 * self.alpha) * x
+    y = jnp.log(p) - jnp.log1p(-p)
+    log_det = math.log(1.0 - 2.0 * self.alpha) - jnp.log(p) - jnp.log1p(-p)
+    return y, sum_except_batch(log_det)
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    p = jax.nn.sigmoid(y)
+    x = (p - self.alpha) / (1.0 - 2.0 * self.alpha)
+    # dp/dy = sigmoid(y) sigmoid(-y).
+    log_det = (jax.nn.log_sigmoid(y) + jax.nn.log_sigmoid(-y) -
+               math.log(1.0 - 2.0 * self.alpha))
+    return x, sum_except_batch(log_det)
+
+
+# ----------------------------------------------------------------------------
+# Reshapes and permutations (volume preserving).
+
+
+def squeeze2x2(x: Array) -> Array:
+  """Space to depth: [B, H, W, C] -> [B, H/2, W/2, 4C] (each 2x2 patch's
+  pixels become channels, ordered (row, col, channel))."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+
+
+def unsqueeze2x2(y: Array) -> Array:
+  """Depth to space, the inverse of ``squeeze2x2``."""
+  b, h, w, c = y.shape
+  y = y.reshape(b, h, w, 2, 2, c // 4)
+  return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c // 4)
+
+
+class Squeeze(nn.Module):
+  """Space to depth as a bijector (a permutation: log-det 0)."""
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    return squeeze2x2(x), jnp.zeros((x.shape[0],), jnp.float32)
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    return unsqueeze2x2(y), jnp.zeros((y.shape[0],), jnp.float32)
+
+
+class ChannelPermutation(nn.Module):
+  """A fixed channel permutation: ``"reverse"`` or a seeded ``"shuffle"``.
+
+  Glow's baselines for the 1x1 convolution; log-det 0.
+  """
+
+  kind: str = "reverse"
+  seed: int = 0
+
+  def _permutation(self, num_channels: int) -> np.ndarray:
+    if self.kind not in PERMUTATIONS:
+      raise ValueError(
+          f"ChannelPermutation kind={self.kind!r}, expected one of"
+          f" {PERMUTATIONS}.")
+    if self.kind == "reverse":
+      return np.arange(num_channels)[::-1].copy()
+    return np.random.RandomState(self.seed).permutation(num_channels)
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    perm = self._permutation(x.shape[-1])
+    return x[..., perm], jnp.zeros((x.shape[0],), jnp.float32)
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    inverse_perm = np.argsort(self._permutation(y.shape[-1]))
+    return y[..., inverse_perm], jnp.zeros((y.shape[0],), jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Actnorm and the invertible 1x1 convolution.
+
+
+class ActNorm(nn.Module):
+  """Glow's activation normalisation: y = (x + b) * exp(log_s) per channel.
+
+  Data-dependent initialisation: the first call (inside ``init``) sets
+  b = -mean and log_s = -log std of the incoming batch per channel (over
+  batch and space), so the output starts at zero mean and unit variance.
+  Under ``jax.jit`` with a sharded batch these means are over the global
+  batch. log-det = H * W * sum_c log_s_c.
+  """
+
+  eps: float = 1e-6
+
+  @nn.compact
+  def _parameters(self, x: Array) -> Tuple[Array, Array]:
+    """bias [C], log_scale [C]; ``x`` [B, ..., C] is read only at init."""
+    axes = tuple(range(x.ndim - 1))
+
+    def init_bias(key, shape):
+      del key, shape
+      return -jnp.mean(x, axis=axes)
+
+    def init_log_scale(key, shape):
+      del key, shape
+      mean = jnp.mean(x, axis=axes)
+      variance = jnp.mean(jnp.square(x - mean), axis=axes)
+      return -0.5 * jnp.log(variance + self.eps)
+
+    num_channels = x.shape[-1]
+    bias = self.param("bias", init_bias, (num_channels,))
+    log_scale = self.param("log_scale", init_log_scale, (num_channels,))
+    return bias, log_scale
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    bias, log_scale = self._parameters(x)
+    log_det = _spatial_size(x) * jnp.sum(log_scale)
+    return (x + bias) * jnp.exp(log_scale), _batch_constant(log_det, x.shape[0])
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    bias, log_scale = self._parameters(y)
+    log_det = -_spatial_size(y) * jnp.sum(log_scale)
+    return y * jnp.exp(-log_scale) - bias, _batch_constant(log_det, y.shape[0])
+
+
+def _apply_channel_matrix(x: Array, w: Array) -> Array:
+  """A 1x1 convolution: y[..., i] = sum_j w[i, j] x[..., j]."""
+  return jnp.einsum("...j,ij->...i", x, w)
+
+
+class Invertible1x1Conv(nn.Module):
+  """Glow's invertible 1x1 convolution, y = W x at every position.
+
+  ``"lu"``: W = P L (U + diag(sign * exp(log_s))) with P a fixed
+  permutation, L unit lower triangular, U strictly upper triangular and the
+  signs fixed; log|det W| = sum log_s, inverse by two triangular solves.
+  Initialised to a random rotation (its LU factors), fixed by ``seed``.
+  ``"plain"``: W a free matrix (initialised to the same rotation); its
+  log|det| is sum log|diag| of a pivoted LU factorisation, its inverse by LU
+  solves. Either way log-det = H * W_img * log|det W|.
+  """
+
+  parameterization: str = "lu"
+  seed: int = 0
+
+  @nn.compact
+  def _matrices(self, num_channels: int) -> Tuple[Array, Array, Array]:
+    """Returns W [C, C], W^-1 [C, C] and log|det W| (scalar)."""
+    if self.parameterization not in CONV_PARAMETERIZATIONS:
+      raise ValueError(
+          f"Invertible1x1Conv parameterization={self.parameterization!r},"
+          f" expected one of {CONV_PARAMETERIZATIONS}.")
+    c = num_channels
+    rotation = _random_orthogonal(self.seed, c)
+    eye = jnp.eye(c, dtype=jnp.float32)
+    if self.parameterization == "plain":
+      w = self.param("kernel", lambda key, shape: jnp.asarray(
+          rotation, jnp.float32), (c, c))
+      lu, pivots = jax.scipy.linalg.lu_factor(w)
+      log_det = jnp.sum(jnp.log(jnp.abs(jnp.diag(lu))))
+      w_inv = jax.scipy.linalg.lu_solve((lu, pivots), eye)
+      return w, w_inv, log_det
+
+    # Static factors of the initial rotation: P and the signs of diag(U)
+    # stay fixed (they are discrete), the rest is learned.
+    p, l0, u0 = scipy.linalg.lu(rotation)
+    sign = np.sign(np.diag(u0))
+    lower_mask = np.tril(np.ones((c, c)), -1)
+    upper_mask = lower_mask.T
+    lower = self.param("lower", lambda key, shape: jnp.asarray(
+        l0 * lower_mask, jnp.float32), (c, c))
+    upper = self.param("upper", lambda key, shape: jnp.asarray(
+        u0 * upper_mask, jnp.float32), (c, c))
+    log_s = self.param("log_s", lambda key, shape: jnp.asarray(
+        np.log(np.abs(np.diag(u0))), jnp.float32), (c,))
+    l_mat = lower * lower_mask + eye
+    u_mat = upper * upper_mask + jnp.diag(sign * jnp.exp(log_s))
+    p = jnp.asarray(p, jnp.float32)
+    w = p @ l_mat @ u_mat
+    # W^-1 = U^-1 L^-1 P^T, two triangular solves.
+    l_inv = jax.scipy.linalg.solve_triangular(
+        l_mat, eye, lower=True, unit_diagonal=True)
+    u_inv = jax.scipy.linalg.solve_triangular(u_mat, eye, lower=False)
+    w_inv = u_inv @ l_inv @ p.T
+    return w, w_inv, jnp.sum(log_s)
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    w, _, log_det = self._matrices(x.shape[-1])
+    return (_apply_channel_matrix(x, w),
+            _batch_constant(_spatial_size(x) * log_det, x.shape[0]))
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    _, w_inv, log_det = self._matrices(y.shape[-1])
+    return (_apply_channel_matrix(y, w_inv),
+            _batch_constant(-_spatial_size(y) * log_det, y.shape[0]))
+
+
+# ----------------------------------------------------------------------------
+# Coupling layers.
+
+
+class ConvNet(nn.Module):
+  """A coupling conditioner whose last conv is zero-initialised.
+
+  ``num_res_blocks == 0``: Glow's conv3x3 -> ReLU -> conv1x1 -> ReLU ->
+  zero-conv3x3. Otherwise RealNVP-style: conv3x3, ``num_res_blocks``
+  residual blocks h + conv3x3(ReLU(conv3x3(ReLU(h)))), ReLU, zero-conv3x3.
+  The zero output makes every coupling start as the identity.
+  """
+
+  out_channels: int
+  hidden_channels: int = 64
+  num_res_blocks: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = nn.Conv(self.hidden_channels, (3, 3))(x)
+    if self.num_res_blocks == 0:
+      h = nn.Conv(self.hidden_channels, (1, 1))(nn.relu(h))
+    for _ in range(self.num_res_blocks):
+      r = nn.Conv(self.hidden_channels, (3, 3))(nn.relu(h))
+      r = nn.Conv(self.hidden_channels, (3, 3))(nn.relu(r))
+      h = h + r
+    return nn.Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.zeros)(nn.relu(h))
+
+
+def checkerboard_mask(height: int, width: int, parity: int) -> np.ndarray:
+  """[H, W, 1] float mask, 1 where (row + col + parity) is even (kept fixed)."""
+  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return ((rows + cols + parity) % 2 == 0).astype(np.float32)[..., None]
+
+
+def bounded_log_scale(raw: Array, scale_fn: str,
+                      tanh_scale: Optional[Array] = None) -> Array:
+  """log s of an affine coupling, bounded and 0 at raw = 0 (identity init).
+
+  ``"sigmoid"``: log s = log sigmoid(raw + 2) - log sigmoid(2), Glow's
+  sigmoid(h + 2) divided by its value at 0, so s in (0, 1.135).
+  ``"tanh"``: log s = tanh_scale * tanh(raw) with a learned per-channel
+  tanh_scale (RealNVP).
+  """
+  if scale_fn == "sigmoid":
+    return jax.nn.log_sigmoid(raw + 2.0) - jax.nn.log_sigmoid(2.0)
+  if scale_fn == "tanh":
+    return tanh_scale * jnp.tanh(raw)
+  raise ValueError(f"scale_fn={scale_fn!r}, expected one of {SCALE_FNS}.")
+
+
+class Coupling(nn.Module):
+  """Additive (NICE), affine (RealNVP) or rational-quadratic spline (NSF)
+  coupling with a channel or checkerboard mask.
+
+  With the kept part x_a and the changed part x_b (selected by the mask),
+  theta = NN(x_a) and y_b = g_theta(x_b) element-wise, y_a = x_a:
+  additive y_b = x_b + t; affine y_b = x_b * s + t with log s =
+  bounded(raw); spline y_b = RQS_theta(x_b) (see ``splines``). The
+  Jacobian is block triangular with identity on x_a, so log-det = sum over
+  x_b of log g'_theta(x_b) (log s for affine, 0 for additive). The
+  conditioner's zero-initialised last layer makes it start as the identity.
+
+  Attributes:
+    kind: ``"affine"``, ``"additive"`` or ``"spline"``.
+    mask: ``"channel"`` (keeps channels [:C//2] for parity 0, the rest for
+      parity 1; needs C >= 2) or ``"checkerboard"`` (keeps pixels with even
+      row + col + parity).
+    parity: 0 or 1, which half is kept.
+    scale_fn: ``"sigmoid"`` or ``"tanh"``, see ``bounded_log_scale``.
+    hidden_channels, num_res_blocks: the conditioner, see ``ConvNet``.
+    num_bins, spline_bound: the spline's K bins on [-bound, bound].
+  """
+
+  kind: str = "affine"
+  mask: str = "channel"
+  parity: int = 0
+  scale_fn: str = "sigmoid"
+  hidden_channels: int = 64
+  num_res_blocks: int = 0
+  num_bins: int = 8
+  spline_bound: float = 3.0
+
+  def _params_per_element(self) -> int:
+    if self.kind == "affine":
+      return 2
+    if self.kind == "additive":
+      return 1
+    if self.kind == "spline":
+      return splines.spline_num_params(self.num_bins)
+    raise ValueError(
+        f"Coupling kind={self.kind!r}, expected one of {COUPLING_KINDS}.")
+
+  @nn.compact
+  def _conditioner(self, kept: Array,
+                   num_out: int) -> Tuple[Array, Optional[Array]]:
+    """NN(kept) -> raw parameters [..., num_out, P], tanh scale or None."""
+    per_element = self._params_per_element()
+    h = ConvNet(per_element * num_out, self.hidden_channels,
+                self.num_res_blocks, name="conditioner")(kept)
+    tanh_scale = None
+    if self.kind == "affine" and self.scale_fn == "tanh":
+      tanh_scale = self.param("tanh_scale", nn.initializers.ones, (num_out,))
+    return h.reshape(h.shape[:-1] + (num_out, per_element)), tanh_scale
+
+  def _elementwise(self, z: Array, raw: Array, tanh_scale: Optional[Array],
+                   inverse: bool) -> Tuple[Array, Array]:
+    """g_theta(z) (or its inverse) and the element-wise log|derivative|."""
+    if self.kind == "spline":
+      return splines.rational_quadratic_spline(z, raw, self.spline_bound,
+                                               inverse)
+    shift = raw[..., 0]
+    if self.kind == "additive":
+      return (z - shift if inverse else z + shift), jnp.zeros_like(z)
+    log_scale = bounded_log_scale(raw[..., 1], self.scale_fn, tanh_scale)
+    if inverse:
+      return (z - shift) * jnp.exp(-log_scale), -log_scale
+    return z * jnp.exp(log_scale) + shift, log_scale
+
+  def _check(self, x: Array) -> None:
+    if self.mask not in MASKS:
+      raise ValueError(f"Coupling mask={self.mask!r}, expected one of {MASKS}.")
+    if self.mask == "channel" and x.shape[-1] < 2:
+      raise ValueError(
+          "Coupling with mask='channel' needs at least 2 channels, got input"
+          f" of shape {x.shape}.")
+
+  def _split(self, x: Array) -> Tuple[Array, Array]:
+    half = x.shape[-1] // 2
+    if self.parity == 0:
+      return x[..., :half], x[..., half:]
+    return x[..., half:], x[..., :half]
+
+  def _merge(self, kept: Array, changed: Array) -> Array:
+    parts = (kept, changed) if self.parity == 0 else (changed, kept)
+    return jnp.concatenate(parts, axis=-1)
+
+  def _transform(self, x: Array, inverse: bool) -> Tuple[Array, Array]:
+    self._check(x)
+    if self.mask == "channel":
+      kept, changed = self._split(x)
+      raw, tanh_scale = self._conditioner(kept, changed.shape[-1])
+      changed, log_det = self._elementwise(changed, raw, tanh_scale, inverse)
+      return self._merge(kept, changed), sum_except_batch(log_det)
+    keep = jnp.asarray(checkerboard_mask(x.shape[1], x.shape[2], self.parity))
+    raw, tanh_scale = self._conditioner(x * keep, x.shape[-1])
+    changed, log_det = self._elementwise(x, raw, tanh_scale, inverse)
+    y = keep * x + (1 - keep) * changed
+    return y, sum_except_batch((1 - keep) * log_det)
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    return self._transform(x, inverse=False)
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    return self._transform(y, inverse=True)
+
+
+# ----------------------------------------------------------------------------
+# The multi-scale split.
+
+
+class GaussianSplit(nn.Module):
+  """Glow's split with a learned conditional prior, as a bijector.
+
+  Splits the channels into h1 = x[..., :C//2] (kept, goes on to the next
+  level) and h2 = x[..., C//2:] (factored out) and whitens h2 under the
+  prior N(mu(h1), sigma(h1)^2) predicted by a zero-initialised 3x3 conv:
+  y = [h1, (h2 - mu) / sigma], log-det = -sum log sigma. A standard normal
+  on y then gives log N(h2; mu, sigma^2) for the factored-out half, exactly
+  Glow's split prior, while the whole model stays one bijection onto a
+  standard normal.
+  """
+
+  @nn.compact
+  def _mean_and_log_std(self, h1: Array, num_out: int) -> Tuple[Array, Array]:
+    h = nn.Conv(2 * num_out, (3, 3), kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.zeros, name="prior")(h1)
+    return h[..., :num_out], h[..., num_out:]
+
+  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    half = x.shape[-1] // 2
+    h1, h2 = x[..., :half], x[..., half:]
+    mean, log_std = self._mean_and_log_std(h1, h2.shape[-1])
+    eps = (h2 - mean) * jnp.exp(-log_std)
+    return (jnp.concatenate([h1, eps], axis=-1),
+            -sum_except_batch(log_std))
+
+  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+    half = y.shape[-1] // 2
+    h1, eps = y[..., :half], y[..., half:]
+    mean, log_std = self._mean_and_log_std(h1, eps.shape[-1])
+    h2 = eps * jnp.exp(log_std) + mean
+    return (jnp.concatenate([h1, h2], axis=-1),
+            sum_except_batch(log_std))

@@ -1,0 +1,184 @@
+"""Flow family tests: full RealNVP / Glow bijections, the bits/dim
+accounting, sampling, config validation and a smoke training run."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from gm_jax import flows
+from gm_jax.flows import bijectors as bj
+from tests.test_flows_bijectors import (
+  _init,
+  _key,
+  check_bijector,
+)
+
+LOG_256 = math.log(256.0)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def tiny_config(**overrides):
+  config = flows.default_model_config()
+  config.image_shape = (4, 4, 2)
+  config.num_levels = 2
+  config.num_steps = 1
+  config.hidden_channels = 8
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+GLOW = dict(architecture="glow", permutation="lu", coupling="affine",
+            scale_fn="sigmoid", preprocess="shift")
+REALNVP = dict(architecture="realnvp", coupling="affine", scale_fn="tanh",
+               num_res_blocks=0, preprocess="logit", logit_alpha=0.05,
+               learned_split_prior=True)
+
+
+def _images(shape, key=0):
+  return jax.random.randint(_key(key), shape, 0, 256).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("overrides", [GLOW, REALNVP], ids=["glow", "realnvp"])
+def test_full_model_is_a_bijection_with_exact_log_det(overrides):
+  config = tiny_config(**overrides)
+  flow = flows.build_flow(config)
+  x = _images((2, 4, 4, 2))
+  variables = _init(flow, x)
+  # Continuous inputs: log-det = slogdet of the jacfwd Jacobian, through
+  # the preprocessing, and inverse log-det = -forward log-det. Integer
+  # images come back exactly (the inverse ends with floor).
+  z, _ = check_bijector(flow, x + 0.25, variables, exact_inverse=False,
+                        integer_inputs=x)
+  assert z.shape == (2, 32)
+  body = flow.layers[-1]
+  expected = ([(2, 2, 4), (1, 1, 16)] if config.architecture == "glow" else
+              [(2, 2, 4), (2, 2, 4)])
+  assert [tuple(s) for s in body.latent_shapes()] == expected
+
+
+def test_bits_per_dim_of_an_identity_flow_on_dequantized_data():
+  # The flow is only dequantization and the scale to [0, 1): z = (x + u) /
+  # 256, so the NLL of the 8-bit data is D log 256 + sum -log N(z; 0, 1).
+  flow = bj.Chain([bj.UniformDequantize(256), bj.ScalarAffine(1.0 / 256)])
+  levels = np.array([0, 1, 128, 255], np.float32).reshape(1, 2, 2, 1)
+  num_dims = 4
+
+  def nll(images, key):
+    return -flows.flow_log_prob(flow, {}, images, key)
+
+  # Per pixel, z lies in [k / 256, (k + 1) / 256), so the NLL lies between
+  # the values at the bin edges.
+  value = nll(jnp.asarray(levels), _key(0))[0]
+  lower = np.sum(0.5 * (levels / 256.0)**2 + HALF_LOG_2PI) + num_dims * LOG_256
+  upper = (np.sum(0.5 * ((levels + 1) / 256.0)**2 + HALF_LOG_2PI) +
+           num_dims * LOG_256)
+  assert lower <= value <= upper
+  # Averaged over the noise: E z^2 = (k^2 + k + 1/3) / 256^2.
+  many = jnp.asarray(np.repeat(levels, 4000, axis=0))
+  mean_nll = jnp.mean(nll(many, _key(1)))
+  expected = np.sum(0.5 * (levels**2 + levels + 1 / 3) / 256.0**2 +
+                    HALF_LOG_2PI) + num_dims * LOG_256
+  np.testing.assert_allclose(mean_nll, expected, rtol=1e-4)
+  # An all-zero image: z < 1/256, bpd = (log 256 + 0.5 log 2 pi) / ln 2
+  # up to 1e-5.
+  bpd = nll(jnp.zeros((1, 2, 2, 1)), _key(2))[0] / (num_dims * math.log(2))
+  np.testing.assert_allclose(bpd, (LOG_256 + HALF_LOG_2PI) / math.log(2),
+                             atol=1e-5)
+
+
+def test_untrained_glow_on_uniform_noise_has_the_gaussian_fit_bpd():
+  # At init (identity couplings and split priors, a rotation, actnorm fitted
+  # to the data) Glow is a linear whitening of the shifted data. For
+  # uniformly random bytes, the expected NLL is that of a Gaussian with the
+  # uniform's variance: 8 + 0.5 log2(2 pi e / 12) bits/dim.
+  family = flows.make(tiny_config(**GLOW))
+  images = jax.random.randint(_key(3), (2000, 4, 4, 2), 0, 256).astype(
+      jnp.uint8)
+  params = jax.jit(family.init)(_key(4), {"image": images[:1000]})
+  metrics = jax.jit(family.evaluate)(params, {"image": images[1000:]}, _key(5))
+  expected = 8 + 0.5 * math.log2(2 * math.pi * math.e / 12)
+  np.testing.assert_allclose(jnp.mean(metrics["bpd"]), expected, atol=0.01)
+  np.testing.assert_allclose(metrics["bpd"],
+                             metrics["nll_nats"] / (32 * math.log(2)),
+                             rtol=1e-6)
+  loss, scalars = family.loss(params, {"image": images[1000:]}, _key(5),
+                              jnp.int32(0))
+  np.testing.assert_allclose(loss, jnp.mean(metrics["bpd"]), rtol=1e-6)
+  assert set(scalars) == {"bpd", "nll_nats"}
+
+
+def test_sample_and_visualize():
+  config = tiny_config(**REALNVP)
+  config.hidden_channels = 4
+  config.visualize_temperatures = (0.0, 1.0)
+  family = flows.make(config)
+  images = _images((4, 4, 4, 2)).astype(jnp.uint8)
+  params = jax.jit(family.init)(_key(0), {"image": images})
+  sample = jax.jit(family.sample, static_argnums=2)
+  x = sample(params, _key(1), 3)
+  assert x.shape == (3, 4, 4, 2) and x.dtype == jnp.float32
+  assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+  np.testing.assert_allclose(x * 255, np.round(x * 255), atol=1e-4)
+  pictures = jax.jit(family.visualize)(params, {"image": images}, _key(2))
+  assert set(pictures) == {"samples_temperature_0.00",
+                           "samples_temperature_1.00"}
+  # Temperature 0 is z = 0 whatever the key: every sample is the same.
+  cold = pictures["samples_temperature_0.00"]
+  np.testing.assert_array_equal(cold, jnp.broadcast_to(cold[:1], cold.shape))
+  assert float(jnp.std(pictures["samples_temperature_1.00"])) > 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(architecture="maf"), "model.architecture='maf'"),
+    (dict(image_shape=(6, 6, 2)), "divisible by 4"),
+    (dict(architecture="realnvp", num_levels=3, image_shape=(6, 6, 1)),
+     "divisible by 4"),
+    (dict(permutation="random"), "model.permutation='random'"),
+    (dict(coupling="nonsense"), "model.coupling='nonsense'"),
+    (dict(coupling="spline", num_bins=1), "model.num_bins=1"),
+    (dict(scale_fn="exp"), "model.scale_fn='exp'"),
+    (dict(preprocess="none"), "model.preprocess='none'"),
+    (dict(logit_alpha=0.5), "model.logit_alpha=0.5"),
+    (dict(num_steps=0), "model.num_steps=0"),
+    (dict(sample_temperature=-1.0), "temperatures must be >= 0"),
+])
+def test_make_rejects_bad_configs(overrides, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    flows.make(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize("name", ["glow_mnist", "realnvp_mnist",
+                                  "glow_cifar10", "realnvp_cifar10"])
+def test_configs_build(name):
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  for arg in (None, "smoke"):
+    config = module.get_config(arg)
+    assert config.model.family == "flow"
+    family = flows.make(config.model)
+    assert family.visualize is not None
+  with pytest.raises(ValueError, match="Unknown config argument"):
+    module.get_config("smoke,big")
+
+
+def test_flow_smoke_training(tmp_path):
+  from configs import glow_mnist
+  from gm_jax import train
+  config = glow_mnist.get_config("smoke")
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(results["bpd"]) and 0.0 < results["bpd"] < 12.0
+  np.testing.assert_allclose(
+      results["bpd"], results["nll_nats"] / (28 * 28 * math.log(2)),
+      rtol=1e-5)
+
+
+def test_model_config_keys_are_documented_defaults():
+  config = flows.default_model_config()
+  assert config.family == "flow"
+  assert set(flows.DEFAULTS) <= set(config.keys())
+  assert isinstance(config, ml_collections.ConfigDict)
