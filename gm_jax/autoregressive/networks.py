@@ -1,0 +1,262 @@
+"""The three autoregressive networks: PixelCNN, Gated PixelCNN, PixelCNN++.
+
+Every network maps an image scaled to [-1, 1], ``[B, H, W, C]``, to
+``[B, H, W, num_groups * num_outputs]`` per-pixel distribution parameters
+such that the parameters at pixel i (and, with ``num_groups = C``, of
+channel group c, the c-th block of ``num_outputs``) depend only on pixels
+before i in raster order (and on channels < c of pixel i). The family turns
+them into Bernoulli logits, 256-way logits or mixture parameters.
+
+* ``num_groups = C``: per-channel likelihoods (Bernoulli, categorical); the
+  output block c is channel c's parameters, the R -> G -> B order is built
+  into the masks (PixelCNN, Gated PixelCNN) or into a channel-masked output
+  head (PixelCNN++).
+* ``num_groups = 1``: one block per pixel (the discretized logistic mixture,
+  whose coupled means handle the order inside a pixel); the output at pixel
+  i sees only pixels < i.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gm_jax.autoregressive import layers
+
+Array = jax.Array
+
+
+def _output_head(h: Array, num_output_filters: int, num_groups: int,
+                 num_outputs: int) -> Array:
+  """ReLU -> masked 1x1 (B) -> ReLU -> masked 1x1 (B) to the parameters."""
+  h = layers.MaskedConv(num_output_filters, (1, 1), "B", num_groups)(
+      jax.nn.relu(h))
+  return layers.MaskedConv(num_groups * num_outputs, (1, 1), "B", num_groups)(
+      jax.nn.relu(h))
+
+
+class PixelCNN(nn.Module):
+  """PixelCNN (van den Oord et al., 2016, "Pixel Recurrent Neural Networks").
+
+  A masked k1 x k1 type-A convolution to 2h features, ``num_layers``
+  residual blocks (ReLU, 1x1 to h, ReLU, masked k x k type B, ReLU, 1x1 back
+  to 2h; all 1x1s are type-B masked so colour groups stay separate), then
+  ReLU, 1x1, ReLU, 1x1 to the outputs. Stacked k x k masks have a blind spot
+  above-right of each pixel (see ``GatedPixelCNN``).
+
+  Attributes:
+    num_outputs: parameters per group (e.g. 1 Bernoulli logit, 256 logits).
+    num_groups: colour groups ordered inside a pixel (C or 1).
+    num_filters: h; the residual stream has 2h channels.
+    num_layers: residual blocks.
+    kernel_size: k of the hidden masked convolutions.
+    first_kernel_size: k1 of the type-A input convolution.
+    num_output_filters: width of the 1x1 output layers.
+    num_classes: 0, or the number of classes for a per-class bias per block.
+  """
+
+  num_outputs: int
+  num_groups: int = 1
+  num_filters: int = 64
+  num_layers: int = 7
+  kernel_size: int = 3
+  first_kernel_size: int = 7
+  num_output_filters: int = 256
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array, label: Optional[Array] = None,
+               train: bool = False) -> Array:
+    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
+    del train  # No dropout.
+    g, k = self.num_groups, self.kernel_size
+    h = layers.MaskedConv(2 * self.num_filters,
+                          (self.first_kernel_size, self.first_kernel_size),
+                          "A", g)(x)  # [B, H, W, 2h]
+    for i in range(self.num_layers):
+      y = layers.MaskedConv(self.num_filters, (1, 1), "B", g)(jax.nn.relu(h))
+      y = layers.MaskedConv(self.num_filters, (k, k), "B", g)(jax.nn.relu(y))
+      y = layers.MaskedConv(2 * self.num_filters, (1, 1), "B", g)(
+          jax.nn.relu(y))
+      h = h + y + layers.label_embedding(label, self.num_classes,
+                                         2 * self.num_filters, f"label_{i}")
+    return _output_head(h, self.num_output_filters, g, self.num_outputs)
+
+
+class GatedPixelCNN(nn.Module):
+  """Gated PixelCNN (van den Oord et al., 2016, "Conditional Image
+  Generation with PixelCNN Decoders").
+
+  Two stacks without a blind spot:
+
+  * vertical: v at row r sees every pixel of rows < r within its (growing)
+    width: a (k // 2 + 1) x k convolution over rows r - k // 2..r of the
+    previous v, which itself sees only rows < r; the first layer reads x and
+    is shifted one row down.
+  * horizontal: h at (r, c) sees (r, < c) through a one-sided 1 x (k // 2 + 1)
+    masked convolution (type A first, B after), plus a 1x1 link from the
+    vertical stack's pre-activations at (r, c) (rows < r only, so every
+    colour group may read it); residual from the second layer on.
+
+  Both use gated units tanh(a) * sigmoid(b), with an optional per-class bias
+  on the pre-activations (class conditioning).
+
+  Attributes:
+    num_outputs, num_groups, num_output_filters, num_classes: as in PixelCNN.
+    num_filters: channels of each stack.
+    num_layers: gated layers (the first included).
+    kernel_size: k of the hidden layers; first_kernel_size of the first.
+  """
+
+  num_outputs: int
+  num_groups: int = 1
+  num_filters: int = 64
+  num_layers: int = 8
+  kernel_size: int = 3
+  first_kernel_size: int = 7
+  num_output_filters: int = 256
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array, label: Optional[Array] = None,
+               train: bool = False) -> Array:
+    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
+    del train  # No dropout.
+    n, g = self.num_filters, self.num_groups
+    v, h = x, x
+    for i in range(self.num_layers):
+      first = i == 0
+      k = self.first_kernel_size if first else self.kernel_size
+      v_pre = nn.Conv(2 * n, (k // 2 + 1, k),
+                      padding=((k // 2, 0), (k // 2, k // 2)))(v)
+      if first:
+        v_pre = layers.down_shift(v_pre)  # Rows < r only from here on.
+      v_pre = v_pre + layers.label_embedding(label, self.num_classes, 2 * n,
+                                             f"label_v_{i}")
+      h_pre = layers.MaskedConv(2 * n, (1, k // 2 + 1), "A" if first else "B",
+                                g, out_repeats=2, center=(0, k // 2))(h)
+      h_pre = (h_pre + nn.Conv(2 * n, (1, 1))(v_pre) +
+               layers.label_embedding(label, self.num_classes, 2 * n,
+                                      f"label_h_{i}"))
+      v = layers.gate(v_pre)  # [B, H, W, n]
+      h_out = layers.MaskedConv(n, (1, 1), "B", g)(layers.gate(h_pre))
+      h = h_out if first else h + h_out
+    return _output_head(h, self.num_output_filters, g, self.num_outputs)
+
+
+class GatedResnet(nn.Module):
+  """PixelCNN++'s gated residual block.
+
+  y = x + a * sigmoid(b), [a, b] = conv2(dropout(concat_elu(conv1(
+  concat_elu(x)) + nin(concat_elu(skip))))) (+ class bias), where conv is
+  down-shifted or down-right-shifted and ``skip`` is the optional input from
+  the other stream / the up pass.
+  """
+
+  shift: str  # "down" or "down_right"
+  dropout: float = 0.0
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array, skip: Optional[Array], label: Optional[Array],
+               train: bool) -> Array:
+    n = x.shape[-1]
+    if self.shift == "down":
+      conv1 = layers.DownShiftedConv(n, (2, 3))
+      conv2 = layers.DownShiftedConv(
+          2 * n, (2, 3), kernel_init=nn.initializers.variance_scaling(
+              0.1, "fan_in", "truncated_normal"))
+    else:
+      conv1 = layers.DownRightShiftedConv(n, (2, 2))
+      conv2 = layers.DownRightShiftedConv(
+          2 * n, (2, 2), kernel_init=nn.initializers.variance_scaling(
+              0.1, "fan_in", "truncated_normal"))
+    y = conv1(layers.concat_elu(x))
+    if skip is not None:
+      y = y + nn.Dense(n)(layers.concat_elu(skip))
+    y = layers.concat_elu(y)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = conv2(y) + layers.label_embedding(label, self.num_classes, 2 * n,
+                                          "label")
+    a, b = jnp.split(y, 2, axis=-1)
+    return x + a * jax.nn.sigmoid(b)
+
+
+class PixelCNNPlusPlus(nn.Module):
+  """PixelCNN++ (Salimans et al., 2017).
+
+  Two streams of shifted convolutions: u (down-shifted: rows above) and ul
+  (down-right-shifted: rows above and pixels to the left), in a U-Net of three
+  resolutions (H, H/2, H/4) with ``num_resnet`` gated residual blocks per
+  stage on the way up and num_resnet (+ 1 below the top) on the way down,
+  every up-pass activation fed to the matching down-pass block as a
+  shortcut. The input gets a channel of ones so that zero padding is
+  distinguishable from black pixels.
+
+  The final features at pixel i see only pixels < i. For per-channel
+  likelihoods of colour images (``num_groups > 1``) a channel-masked head
+  adds the current pixel's earlier channels: out_c = W2_c elu(W1 f_i +
+  A (x_i)_{<c}), with A a type-A masked 1x1 and W2 a type-B masked 1x1.
+
+  Attributes:
+    num_outputs, num_groups, num_classes: as in PixelCNN.
+    num_filters: channels of both streams (160 in the paper).
+    num_resnet: gated residual blocks per stage (5 in the paper).
+    dropout: dropout rate inside the residual blocks (0.5 in the paper).
+  """
+
+  num_outputs: int
+  num_groups: int = 1
+  num_filters: int = 160
+  num_resnet: int = 5
+  dropout: float = 0.5
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array, label: Optional[Array] = None,
+               train: bool = False) -> Array:
+    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
+    nf = self.num_filters
+
+    def block(shift):
+      return GatedResnet(shift, self.dropout, self.num_classes)
+
+    x_pad = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
+    u_list = [layers.down_shift(layers.DownShiftedConv(nf, (2, 3))(x_pad))]
+    ul_list = [
+        layers.down_shift(layers.DownShiftedConv(nf, (1, 3))(x_pad)) +
+        layers.right_shift(layers.DownRightShiftedConv(nf, (2, 1))(x_pad))
+    ]
+    # Up pass: H -> H/2 -> H/4.
+    for stage in range(3):
+      for _ in range(self.num_resnet):
+        u_list.append(block("down")(u_list[-1], None, label, train))
+        ul_list.append(block("down_right")(ul_list[-1], u_list[-1], label,
+                                           train))
+      if stage < 2:
+        u_list.append(layers.DownShiftedConv(nf, (2, 3), 2)(u_list[-1]))
+        ul_list.append(layers.DownRightShiftedConv(nf, (2, 2), 2)(
+            ul_list[-1]))
+    # Down pass, consuming the up pass's activations in reverse.
+    u, ul = u_list.pop(), ul_list.pop()
+    for stage in range(3):
+      for _ in range(self.num_resnet + (stage > 0)):
+        u = block("down")(u, u_list.pop(), label, train)
+        ul = block("down_right")(
+            ul, jnp.concatenate([u, ul_list.pop()], axis=-1), label, train)
+      if stage < 2:
+        u = layers.DownShiftedConvTranspose(nf)(u)
+        ul = layers.DownRightShiftedConvTranspose(nf)(ul)
+    assert not u_list and not ul_list, "unbalanced U-Net shortcuts"
+
+    features = jax.nn.elu(ul)  # [B, H, W, nf], pixels < i only.
+    total = self.num_groups * self.num_outputs
+    if self.num_groups == 1:
+      return nn.Dense(total)(features)
+    hidden = (nn.Dense(nf)(features) +
+              layers.MaskedConv(nf, (1, 1), "A", self.num_groups)(x))
+    return layers.MaskedConv(total, (1, 1), "B", self.num_groups)(
+        jax.nn.elu(hidden))
