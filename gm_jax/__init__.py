@@ -4,9 +4,62 @@ The pure functions (likelihoods, bounds, bijectors, samplers) work with any
 model; the families plug into the shared trainer through ``Family``.
 """
 
+# Autoregressive models: causal convolutions and the three networks.
+from gm_jax.autoregressive import (  # noqa: F401  (re-exports)
+  DownRightShiftedConv,
+  DownRightShiftedConvTranspose,
+  DownShiftedConv,
+  DownShiftedConvTranspose,
+  GatedPixelCNN,
+  MaskedConv,
+  PixelCNN,
+  PixelCNNPlusPlus,
+  binarize_images,
+  causal_mask,
+  concat_elu,
+  down_shift,
+  right_shift,
+)
+
+# Diffusion: schedules, objectives and samplers, usable with any eps_fn.
+from gm_jax.diffusion.objectives import (  # noqa: F401  (re-exports)
+  eps_fn_from_model,
+  simple_loss,
+  variational_bound,
+)
+from gm_jax.diffusion.samplers import ddim_sample, ddpm_sample  # noqa: F401
+from gm_jax.diffusion.schedules import (  # noqa: F401  (re-exports)
+  cosine_betas,
+  get_schedule,
+  linear_betas,
+  q_posterior,
+  q_sample,
+)
+from gm_jax.diffusion.unet import UNet  # noqa: F401
+
 # The family interface and the table of families.
 from gm_jax.families import FAMILIES, make_family  # noqa: F401
 from gm_jax.family import Family  # noqa: F401
+
+# Normalizing flows: bijectors, architectures and the likelihood / sampler.
+from gm_jax.flows import (  # noqa: F401  (re-exports)
+  ActNorm,
+  Chain,
+  ChannelPermutation,
+  Coupling,
+  GaussianSplit,
+  Invertible1x1Conv,
+  Logit,
+  MultiScaleFlow,
+  ScalarAffine,
+  Squeeze,
+  UniformDequantize,
+  build_flow,
+  build_glow,
+  build_realnvp,
+  flow_log_prob,
+  flow_sample,
+)
 
 # Shared likelihood math.
 from gm_jax.losses import (  # noqa: F401  (re-exports)
@@ -28,23 +81,3 @@ from gm_jax.losses import (  # noqa: F401  (re-exports)
 
 # VAE bounds, usable with any encoder / decoder callables.
 from gm_jax.vae import elbo, iwae_bound, reparameterize  # noqa: F401
-
-# Normalizing flows: bijectors, architectures and the likelihood / sampler.
-from gm_jax.flows import (  # noqa: F401  (re-exports)
-  ActNorm,
-  Chain,
-  ChannelPermutation,
-  Coupling,
-  GaussianSplit,
-  Invertible1x1Conv,
-  Logit,
-  MultiScaleFlow,
-  ScalarAffine,
-  Squeeze,
-  UniformDequantize,
-  build_flow,
-  build_glow,
-  build_realnvp,
-  flow_log_prob,
-  flow_sample,
-)

@@ -6,11 +6,14 @@ from typing import Callable
 
 import ml_collections
 
-from gm_jax import vae
+from gm_jax import autoregressive, diffusion, flows, vae
 from gm_jax.family import Family
 
 FAMILIES: dict[str, Callable[[ml_collections.ConfigDict], Family]] = {
     "vae": vae.make,
+    "flow": flows.make,
+    "pixelcnn": autoregressive.make,
+    "diffusion": diffusion.make,
 }
 
 

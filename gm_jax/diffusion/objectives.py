@@ -1,0 +1,228 @@
+"""Training objectives and the variational bound of a Gaussian diffusion.
+
+Pure functions of a schedule, data and a network given as a callable:
+
+* ``model_fn(x_t, t) -> prediction`` for training, where the prediction is
+  eps (the noise), x0 (the clean data) or v = sqrt(abar) eps - sqrt(1 - abar)
+  x0, per ``prediction``; ``eps_fn_from_model`` turns any of them into an
+* ``eps_fn(x_t, t) -> eps``, which the bound and the samplers consume.
+
+x_t, eps: [B, ...] float32 with data scaled to [-1, 1]; t: [B] int32 indices
+in 0..T-1 (see ``schedules``). Every function returns per-example values [B].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gm_jax import losses
+from gm_jax.diffusion import schedules as sched
+from gm_jax.diffusion.schedules import Schedule
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def _check_prediction(prediction: str) -> None:
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"Unknown prediction {prediction!r}; expected one of"
+                     f" {PREDICTIONS}.")
+
+
+def eps_fn_from_model(model_fn: ModelFn, schedule: Schedule,
+                      prediction: str = "eps") -> ModelFn:
+  """Wraps a network predicting eps, x0 or v into an ``eps_fn(x_t, t)``.
+
+  x0 -> eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar);
+  v -> eps = sqrt(1 - abar) x_t + sqrt(abar) v.
+  """
+  _check_prediction(prediction)
+  if prediction == "eps":
+    return model_fn
+  if prediction == "x0":
+    return lambda x_t, t: sched.predict_eps_from_x0(schedule, x_t, t,
+                                                    model_fn(x_t, t))
+  return lambda x_t, t: sched.eps_from_v(schedule, x_t, t, model_fn(x_t, t))
+
+
+def simple_loss(model_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
+                noise: Array, prediction: str = "eps") -> Array:
+  """DDPM's L_simple: mean over dimensions of ||target - model_fn(x_t, t)||^2.
+
+  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise; the target is ``noise``
+  (eps), ``x0`` (x0) or sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v).
+
+  Args:
+    model_fn: the network, ``model_fn(x_t, t) -> [B, ...]``.
+    schedule: the noise schedule.
+    x0: [B, ...] data in [-1, 1].
+    t: [B] int32 timesteps (usually uniform over 0..T-1).
+    noise: [B, ...] standard normal draws.
+    prediction: "eps", "x0" or "v".
+
+  Returns:
+    [B] per-example losses.
+  """
+  _check_prediction(prediction)
+  if noise.shape != x0.shape or t.shape != x0.shape[:1]:
+    raise ValueError(f"simple_loss: need x0, noise [B, ...] and t [B]; got"
+                     f" {x0.shape}, {noise.shape}, {t.shape}.")
+  x_t = sched.q_sample(schedule, x0, t, noise)
+  if prediction == "eps":
+    target = noise
+  elif prediction == "x0":
+    target = x0
+  else:
+    target = sched.v_from_x0_eps(schedule, x0, t, noise)
+  err = jnp.square(target - model_fn(x_t, t).astype(jnp.float32))
+  return jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
+
+
+def prior_kl(schedule: Schedule, x0: Array) -> Array:
+  """KL(q(x_T | x_0) || N(0, I)) in nats, summed over dimensions: [B].
+
+  The bound's L_T; no parameters, about 1e-5 nats/dim for DDPM's schedule.
+  """
+  t = jnp.full(x0.shape[:1], schedule.num_timesteps - 1, jnp.int32)
+  mean, var = sched.q_mean_variance(schedule, x0, t)
+  kl = losses.normal_kl(mean, jnp.log(var), 0.0, 0.0)
+  return losses.sum_except_batch(kl)
+
+
+def p_mean_from_eps(schedule: Schedule, x_t: Array, t: Array, eps: Array,
+                    clip_x0: bool = False) -> tuple[Array, Array]:
+  """The reverse-process mean mu(x_t, t) = c1_t x0_hat + c2_t x_t.
+
+  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to [-1, 1]
+  if ``clip_x0``.
+
+  Returns:
+    (mean, x0_hat), both [B, ...].
+  """
+  x0_hat = sched.predict_x0_from_eps(schedule, x_t, t, eps)
+  if clip_x0:
+    x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+  mean, _, _ = sched.q_posterior(schedule, x0_hat, x_t, t)
+  return mean, x0_hat
+
+
+def vlb_term(eps_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
+             noise: Array, variance: str = "fixed_small",
+             clip_x0: bool = False, num_bins: int = 256) -> Array:
+  """One term of the bound at x_t = q_sample(x0, t, noise), in nats: [B].
+
+  t >= 1: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), both Gaussians,
+    p's variance fixed by ``variance``;
+  t = 0: -log p(x_0 | x_1), the discretized Gaussian decoder with mean
+    mu(x_1, 0) and standard deviation exp(0.5 log var_0) (=sqrt(beta~_1)
+    for both variance choices), over ``num_bins`` levels.
+
+  Args:
+    eps_fn: ``eps_fn(x_t, t) -> eps`` [B, ...].
+    schedule: the noise schedule.
+    x0: [B, ...] data on the grid of num_bins levels in [-1, 1].
+    t: [B] int32 timesteps; entries may differ.
+    noise: [B, ...] standard normal draws for x_t.
+    variance: "fixed_small" or "fixed_large".
+    clip_x0: clip the predicted x_0 to [-1, 1] inside the model mean.
+    num_bins: levels of the data.
+
+  Returns:
+    [B] the term in nats (KL for t >= 1, decoder NLL for t = 0).
+  """
+  x_t = sched.q_sample(schedule, x0, t, noise)
+  eps = eps_fn(x_t, t).astype(jnp.float32)
+  model_mean, _ = p_mean_from_eps(schedule, x_t, t, eps, clip_x0)
+  model_log_var = sched.model_log_variance(schedule, t, x0.ndim, variance)
+  true_mean, _, true_log_var = sched.q_posterior(schedule, x0, x_t, t)
+  kl = losses.sum_except_batch(
+      losses.normal_kl(true_mean, true_log_var, model_mean, model_log_var))
+  decoder_nll = -losses.sum_except_batch(
+      losses.discretized_gaussian_log_prob(
+          x0, model_mean, 0.5 * jnp.broadcast_to(model_log_var, x0.shape),
+          num_bins))
+  return jnp.where(t == 0, decoder_nll, kl)
+
+
+def timestep_strata(num_timesteps: int,
+                    num_eval_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Splits the KL timesteps 1..T-1 into contiguous strata.
+
+  Args:
+    num_timesteps: T.
+    num_eval_timesteps: the number of strata n; 0 or >= T - 1 gives the
+      T - 1 strata of one timestep each (the exact sum).
+
+  Returns:
+    (starts, sizes): [n] int32 arrays; stratum j is starts[j] ..
+    starts[j] + sizes[j] - 1, and the strata tile 1..T-1 exactly.
+  """
+  num_kl = num_timesteps - 1
+  n = num_kl if num_eval_timesteps <= 0 else min(num_eval_timesteps, num_kl)
+  edges = np.round(np.linspace(1, num_timesteps, n + 1)).astype(np.int64)
+  return edges[:-1].astype(np.int32), np.diff(edges).astype(np.int32)
+
+
+def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
+                      key: Array, num_eval_timesteps: int = 0,
+                      variance: str = "fixed_small", clip_x0: bool = False,
+                      num_bins: int = 256) -> dict[str, Array]:
+  """The DDPM variational bound on -log p(x_0) in nats, per example.
+
+  -log p(x_0) <= L_T + sum_{t=1}^{T-1} L_t + L_0 with
+    L_T = KL(q(x_T | x_0) || N(0, I))                 (``prior_kl``, exact),
+    L_t = E_{x_t ~ q} KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),
+    L_0 = E_{x_1 ~ q} -log p(x_0 | x_1)               (discretized decoder),
+  in 0-based timestep indices (see ``schedules``). L_0 and every L_t use one
+  draw of x_t per example (the standard single-sample estimate of each
+  expectation, as in the DDPM and improved-DDPM evaluations).
+
+  ``num_eval_timesteps`` = 0 evaluates every L_t (T - 1 network calls, plus
+  one for L_0). n > 0 gives a stratified unbiased estimate of the sum with n
+  calls: 1..T-1 is split into n contiguous strata (``timestep_strata``), one
+  t is drawn uniformly inside each stratum j per example, and its L_t is
+  weighted by the stratum's size; E[estimate] = sum_t L_t exactly. L_T and
+  L_0 are always computed in full.
+
+  Args:
+    eps_fn: ``eps_fn(x_t, t) -> eps``; called under ``lax.scan``.
+    schedule: the noise schedule.
+    x0: [B, ...] data on the grid of ``num_bins`` levels in [-1, 1].
+    key: PRNG key for the x_t draws (and the strata offsets).
+    num_eval_timesteps: 0 for all timesteps, n for the stratified estimate.
+    variance: the reverse-process variance, "fixed_small" / "fixed_large".
+    clip_x0: clip the predicted x_0 in the model mean.
+    num_bins: levels of the data (256 for 8-bit images).
+
+  Returns:
+    {"nll_nats": [B] the bound, "prior_nats", "diffusion_nats" (the L_t sum),
+    "decoder_nats": [B] its three parts}.
+  """
+  starts, sizes = timestep_strata(schedule.num_timesteps, num_eval_timesteps)
+  batch = x0.shape[0]
+  key_decoder, key_kl = jax.random.split(key)
+  term = lambda t, noise: vlb_term(eps_fn, schedule, x0, t, noise,  # noqa: E731
+                                   variance, clip_x0, num_bins)
+
+  def body(total, inputs):
+    start, size, index = inputs
+    key_t, key_noise = jax.random.split(jax.random.fold_in(key_kl, index))
+    t = start + jax.random.randint(key_t, (batch,), 0, size)  # [B]
+    noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+    return total + size.astype(jnp.float32) * term(t, noise), None
+
+  diffusion, _ = jax.lax.scan(
+      body, jnp.zeros((batch,), jnp.float32),
+      (jnp.asarray(starts), jnp.asarray(sizes),
+       jnp.arange(len(starts), dtype=jnp.int32)))
+  decoder = term(jnp.zeros((batch,), jnp.int32),
+                 jax.random.normal(key_decoder, x0.shape, jnp.float32))
+  prior = prior_kl(schedule, x0)
+  return {"nll_nats": prior + diffusion + decoder, "prior_nats": prior,
+          "diffusion_nats": diffusion, "decoder_nats": decoder}

@@ -1,0 +1,164 @@
+"""Samplers of a Gaussian diffusion, as pure functions of an ``eps_fn``.
+
+Both run a ``lax.scan`` over a decreasing subsequence tau_{S-1} > ... > tau_0
+of the T training timesteps (``sampling_timesteps``: evenly spaced, always
+including T - 1 and 0; S = T gives every step). Write a = abar_{tau_i} and
+a' = abar_{tau_{i-1}} (a' = 1 after the last step), x0_hat = (x - sqrt(1 - a)
+eps) / sqrt(a) with eps = eps_fn(x, tau_i) (optionally clipped to [-1, 1],
+eps then recomputed from the clipped x0_hat).
+
+* ``ddpm_sample``: ancestral sampling from p(x_{i-1} | x_i) = N(c1 x0_hat +
+  c2 x, sigma^2) of the respaced chain with beta_i = 1 - a / a' (improved
+  DDPM respacing; for S = T this is exactly DDPM's Algorithm 2); sigma^2 is
+  "fixed_small" (beta~_i = beta_i (1 - a') / (1 - a)) or "fixed_large"
+  (beta_i). No noise is added at the last step.
+* ``ddim_sample``: x' = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) eps +
+  sigma z, sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a'); eta = 0 is
+  deterministic, eta = 1 is the same chain as ``ddpm_sample`` with
+  "fixed_small" variances.
+
+Both draw x_T from keys[0] and step i's noise from keys[1 + i] of
+``jax.random.split(key, S + 1)``, so with the same key the two samplers are
+directly comparable. Outputs are in the data space [-1, 1] (unclipped).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gm_jax.diffusion.schedules import VARIANCES, Schedule
+
+Array = jax.Array
+EpsFn = Callable[[Array, Array], Array]
+
+
+def sampling_timesteps(num_timesteps: int,
+                       num_steps: Optional[int] = None) -> np.ndarray:
+  """Evenly spaced increasing timesteps round(linspace(0, T-1, S)): [S] int32.
+
+  Args:
+    num_timesteps: T.
+    num_steps: S in 1..T; None or T gives 0..T-1.
+  """
+  num_steps = num_timesteps if num_steps is None else num_steps
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps={num_steps} must be in 1..{num_timesteps}"
+                     " (the number of training timesteps).")
+  if num_steps == 1:
+    return np.array([num_timesteps - 1], np.int32)
+  return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(
+      np.int32)
+
+
+def _respaced_tables(schedule: Schedule, num_steps: Optional[int]):
+  """abar and abar_prev along the respaced chain, each [S] float32."""
+  timesteps = sampling_timesteps(schedule.num_timesteps, num_steps)
+  abar = schedule.alphas_cumprod[timesteps]
+  abar_prev = jnp.concatenate([jnp.ones((1,), abar.dtype), abar[:-1]])
+  return jnp.asarray(timesteps), abar, abar_prev
+
+
+def _predict(eps_fn: EpsFn, x: Array, t: Array, abar: Array,
+             clip_x0: bool) -> tuple[Array, Array]:
+  """(x0_hat, eps) at x with scalar abar; eps is made consistent with the
+  clipped x0_hat when clipping."""
+  batch_t = jnp.full(x.shape[:1], t, jnp.int32)
+  eps = eps_fn(x, batch_t).astype(jnp.float32)
+  x0 = (x - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+  return x0, eps
+
+
+def _run(step_fn, schedule: Schedule, key: Array, shape: Sequence[int],
+         num_steps: Optional[int], x_T: Optional[Array]) -> Array:
+  """Scans ``step_fn(x, t, abar, abar_prev, noise, is_last)`` from T down."""
+  timesteps, abar, abar_prev = _respaced_tables(schedule, num_steps)
+  keys = jax.random.split(key, timesteps.shape[0] + 1)
+  x = (jax.random.normal(keys[0], tuple(shape), jnp.float32)
+       if x_T is None else x_T.astype(jnp.float32))
+
+  def body(x, inputs):
+    t, a, a_prev, step_key, is_last = inputs
+    noise = jax.random.normal(step_key, x.shape, jnp.float32)
+    return step_fn(x, t, a, a_prev, noise, is_last), None
+
+  is_last = jnp.arange(timesteps.shape[0]) == 0
+  # Reverse time: the last scan element is tau_0 (the final step).
+  inputs = (timesteps, abar, abar_prev, keys[1:], is_last)
+  x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[::-1], inputs))
+  return x
+
+
+def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
+                shape: Sequence[int], num_steps: Optional[int] = None,
+                variance: str = "fixed_small", clip_x0: bool = False,
+                x_T: Optional[Array] = None) -> Array:
+  """Ancestral sampling (DDPM Algorithm 2, respaced to ``num_steps``).
+
+  Args:
+    eps_fn: ``eps_fn(x_t, t) -> eps``, x_t [B, ...], t [B] int32.
+    schedule: the noise schedule (T timesteps).
+    key: PRNG key.
+    shape: (B, ...) of the samples.
+    num_steps: S steps of the respaced chain; None for all T.
+    variance: "fixed_small" (posterior variance) or "fixed_large" (beta).
+    clip_x0: clip the predicted x_0 to [-1, 1] at every step.
+    x_T: optional [B, ...] start; None draws N(0, I) from the key.
+
+  Returns:
+    [B, ...] float32 samples in data space.
+  """
+  if variance not in VARIANCES:
+    raise ValueError(f"Unknown variance {variance!r}; expected one of"
+                     f" {VARIANCES}.")
+
+  def step(x, t, a, a_prev, noise, is_last):
+    x0, _ = _predict(eps_fn, x, t, a, clip_x0)
+    beta = 1.0 - a / a_prev
+    coef1 = beta * jnp.sqrt(a_prev) / (1.0 - a)
+    coef2 = (1.0 - a_prev) * jnp.sqrt(1.0 - beta) / (1.0 - a)
+    if variance == "fixed_small":
+      var = beta * (1.0 - a_prev) / (1.0 - a)
+    else:
+      var = beta
+    mean = coef1 * x0 + coef2 * x
+    return jnp.where(is_last, mean, mean + jnp.sqrt(var) * noise)
+
+  return _run(step, schedule, key, shape, num_steps, x_T)
+
+
+def ddim_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
+                shape: Sequence[int], num_steps: Optional[int] = 50,
+                eta: float = 0.0, clip_x0: bool = False,
+                x_T: Optional[Array] = None) -> Array:
+  """DDIM (Song et al., 2021) with ``num_steps`` steps and stochasticity eta.
+
+  Args:
+    eps_fn: ``eps_fn(x_t, t) -> eps``, x_t [B, ...], t [B] int32.
+    schedule: the noise schedule (T timesteps).
+    key: PRNG key (only x_T uses it when eta = 0).
+    shape: (B, ...) of the samples.
+    num_steps: S in 1..T; None for all T.
+    eta: 0 for the deterministic sampler, 1 for the DDPM posterior variance.
+    clip_x0: clip the predicted x_0 to [-1, 1] at every step.
+    x_T: optional [B, ...] start; None draws N(0, I) from the key.
+
+  Returns:
+    [B, ...] float32 samples in data space.
+  """
+  if isinstance(eta, (int, float)) and eta < 0:
+    raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}.")
+
+  def step(x, t, a, a_prev, noise, is_last):
+    x0, eps = _predict(eps_fn, x, t, a, clip_x0)
+    sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+    direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
+    return jnp.sqrt(a_prev) * x0 + direction + sigma * noise
+
+  return _run(step, schedule, key, shape, num_steps, x_T)
