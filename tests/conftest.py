@@ -8,12 +8,11 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-
-
 # Identical programs (the same smoke model compiled by several tests) are
 # compiled once per session.
 import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir",
                   tempfile.mkdtemp(prefix="gm_jax_test_jax_cache_"))
