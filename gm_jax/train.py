@@ -8,7 +8,7 @@ to ``metrics.jsonl`` and TensorBoard, and checkpoints from which a restarted
 run continues bit for bit. It never branches on the model family.
 
 Outputs under ``workdir``: config.json, metrics.jsonl, tensorboard/,
-samples/step_XXXXXXX.png, checkpoints/.
+samples/step_<7-digit step>.png, checkpoints/.
 """
 
 from __future__ import annotations
