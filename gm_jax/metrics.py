@@ -103,6 +103,25 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+class IntervalMeans:
+  """Averages scalar metrics over the steps between two log lines."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._count = 0
+
+  def add(self, scalars: Mapping[str, float]) -> None:
+    for k, v in scalars.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(v)
+    self._count += 1
+
+  def means(self) -> dict[str, float]:
+    """The means since the last call, then starts a new interval."""
+    out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+    self._sums, self._count = {}, 0
+    return out
+
+
 class Progress:
   """Steps per second and ETA over the steps since the last report."""
 

@@ -400,7 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _save_grid(writer, workdir, step, name, pictures)
     _print(f"[samples] step {step}: {path}")
 
-  def check_finite(step: int, metrics) -> None:
+  def check_finite(step: int, metrics) -> dict[str, float]:
+    """Fetches a step's metrics; raises if that step was not finite."""
     metrics = jax.device_get(metrics)
     if not bool(metrics["finite"]):
       raise NonFiniteError(
@@ -409,12 +410,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           " step was not checkpointed; the latest checkpoint is at step"
           f" {checkpointer.latest_step()}. Lower optim.learning_rate or set"
           " optim.grad_clip.")
+    return {k: float(v) for k, v in metrics.items() if k != "finite"}
 
   batches = _prefetch(train_batches(train_source, config.train.batch_size,
                                     config.seed, start_step, mesh))
   progress = metrics_lib.Progress(start_step, num_steps)
   final: dict[str, float] = {}
   pending = None  # (step, metrics) of the last dispatched step, not yet checked
+  interval = metrics_lib.IntervalMeans()
   compile_reported = start_step >= num_steps
   try:
     for step in range(start_step, num_steps):
@@ -427,21 +430,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                f" {time.perf_counter() - t0:.1f}s.")
         compile_reported = True
       if pending is not None:  # check one step behind to keep the device busy
-        check_finite(*pending)
+        interval.add(check_finite(*pending))
       pending = (step, step_metrics)
       done = step + 1
       for hook in hooks:
         hook(done, state)
 
-      host_metrics = None
       if done % config.train.log_every == 0 or done == num_steps:
-        check_finite(*pending)
+        interval.add(check_finite(*pending))
         pending = None
-        host_metrics = jax.device_get(step_metrics)
-      if host_metrics is not None:
         speed = progress.report(done)
-        scalars = {k: float(v) for k, v in host_metrics.items()
-                   if k != "finite"}
+        scalars = interval.means()  # over the steps since the last log
         scalars["steps_per_sec"] = speed["steps_per_sec"]
         writer.write_scalars(done, "train", scalars)
         _print(f"step {done}/{num_steps} | loss {scalars['loss']:.4f} |"
@@ -450,7 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       if done % config.ckpt.every_steps == 0 or done == num_steps:
         if pending is not None:
-          check_finite(*pending)
+          interval.add(check_finite(*pending))
           pending = None
         checkpointer.save(done, state)
       if done % config.train.eval_every == 0 or done == num_steps:
