@@ -5,8 +5,8 @@ squeeze, channel-wise couplings, factor out half), then a final stage of
 checkerboard couplings, ResNet conditioners, tanh-bounded scales, actnorm in
 place of batch norm, on 8-bit digits uniformly dequantized and
 logit-transformed (alpha = 0.05). Reports test bits/dim on the 500 held-out
-digits. On 2 busy CPU cores it runs at about 0.8 steps/s (600 steps: about
-12 minutes) and was at 2.87 train bits/dim after 100 steps.
+digits. Measured 2026-11-24 on 2 CPU cores: 1.84 test bits/dim after the
+600 steps of 64, in 4 min 41 s.
 
   python scripts/train.py --config=configs/realnvp_mnist.py --workdir=/tmp/realnvp_mnist
 
