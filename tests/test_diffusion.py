@@ -12,6 +12,7 @@ import pytest
 
 from gm_jax import diffusion
 from gm_jax.diffusion.unet import UNet
+from tests import script_checks
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -164,3 +165,4 @@ def test_diffusion_smoke_training(tmp_path):
   # The sample grid and visualize's two samplers' grids.
   for suffix in ("", "_samples_ddpm", "_samples_ddim"):
     assert (tmp_path / "samples" / f"step_0000004{suffix}.png").exists()
+  script_checks.assert_workdir_serves_scripts(config, str(tmp_path))

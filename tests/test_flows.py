@@ -11,6 +11,7 @@ import pytest
 
 from gm_jax import flows
 from gm_jax.flows import bijectors as bj
+from tests import script_checks
 from tests.test_flows_bijectors import (
   _init,
   _key,
@@ -175,6 +176,7 @@ def test_flow_smoke_training(tmp_path):
   np.testing.assert_allclose(
       results["bpd"], results["nll_nats"] / (28 * 28 * math.log(2)),
       rtol=1e-5)
+  script_checks.assert_workdir_serves_scripts(config, str(tmp_path))
 
 
 def test_model_config_keys_are_documented_defaults():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gm_jax import autoregressive as ar
+from tests import script_checks
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -282,6 +283,7 @@ def test_pixelcnn_smoke_training(tmp_path):
                              results["nll_nats"] / (784 * np.log(2.0)),
                              rtol=1e-4)
   assert os.listdir(tmp_path / "samples")
+  script_checks.assert_workdir_serves_scripts(config, str(tmp_path))
 
 
 def test_default_model_config_is_valid():
