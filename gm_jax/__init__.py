@@ -14,7 +14,6 @@ from gm_jax.autoregressive import (  # noqa: F401  (re-exports)
   MaskedConv,
   PixelCNN,
   PixelCNNPlusPlus,
-  binarize_images,
   causal_mask,
   concat_elu,
   down_shift,
@@ -64,6 +63,7 @@ from gm_jax.flows import (  # noqa: F401  (re-exports)
 # Shared likelihood math.
 from gm_jax.losses import (  # noqa: F401  (re-exports)
   bernoulli_log_prob,
+  binarize_images,
   bits_per_dim,
   categorical_log_prob,
   discretized_gaussian_log_prob,

@@ -62,6 +62,33 @@ def uniform_dequantize(key: Array, x_int: Array, num_bins: int = 256) -> Array:
   return (x_int.astype(jnp.float32) + u) / num_bins
 
 
+BINARIZATIONS = ("none", "threshold", "dynamic")
+
+
+def binarize_images(image: Array, mode: str,
+                    key: Array | None = None) -> Array:
+  """uint8 images -> float32 {0, 1} of the same shape, for binary models.
+
+  Args:
+    image: uint8 images (0..255, or already {0, 1} for mode "none").
+    mode: "none" (taken as is, e.g. tfds binarized_mnist), "threshold"
+      (pixel > 127) or "dynamic" (a Bernoulli(pixel / 255) draw from ``key``,
+      a fresh binarization every step).
+    key: PRNG key, needed for "dynamic".
+  """
+  if mode == "none":
+    return image.astype(jnp.float32)
+  if mode == "threshold":
+    return (image > 127).astype(jnp.float32)
+  if mode == "dynamic":
+    if key is None:
+      raise ValueError("binarize_images: mode 'dynamic' needs a key.")
+    probs = image.astype(jnp.float32) / 255.0
+    return jax.random.bernoulli(key, probs).astype(jnp.float32)
+  raise ValueError(f"binarize_images: mode={mode!r}, expected one of"
+                   f" {BINARIZATIONS}.")
+
+
 # ----------------------------------------------------------------------------
 # Bernoulli and categorical.
 

@@ -33,7 +33,7 @@ LogLikelihood = Callable[[Array, Array], Array]
 
 ARCHITECTURES = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "discretized_logistic", "discretized_gaussian")
-BINARIZATIONS = ("none", "threshold", "dynamic")
+BINARIZATIONS = losses.BINARIZATIONS
 
 
 # ----------------------------------------------------------------------------
@@ -269,23 +269,6 @@ def _decoder_sample(likelihood: str, key: Array, out: Array) -> Array:
   return jnp.round((x + 1.0) * 127.5) / 255.0
 
 
-def binarize(image: Array, mode: str, key: Array | None = None) -> Array:
-  """uint8 images -> float32 {0, 1}.
-
-  "none": the data is already {0, 1} (e.g. tfds binarized_mnist);
-  "threshold": pixel > 127; "dynamic": Bernoulli(pixel / 255) drawn from key.
-  """
-  if mode == "none":
-    return image.astype(jnp.float32)
-  if mode == "threshold":
-    return (image > 127).astype(jnp.float32)
-  if mode == "dynamic":
-    probs = image.astype(jnp.float32) / 255.0
-    return jax.random.bernoulli(key, probs).astype(jnp.float32)
-  raise ValueError(f"Unknown binarization {mode!r}; expected one of"
-                   f" {BINARIZATIONS}.")
-
-
 def _validate(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
   image_shape = tuple(int(s) for s in cfg.image_shape)
   if cfg.architecture not in ARCHITECTURES:
@@ -354,7 +337,7 @@ def make(cfg: ml_collections.ConfigDict) -> Family:
   def prepare(image, key):
     """uint8 -> the likelihood's target: {0, 1} or [-1, 1]."""
     if binary:
-      return binarize(image, binarize_mode, key)
+      return losses.binarize_images(image, binarize_mode, key)
     return losses.scale_to_symmetric(image)
 
   def bound_fns(params):

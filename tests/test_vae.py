@@ -177,8 +177,8 @@ def test_kl_warmup_and_dynamic_binarization():
   _, m20 = loss(params, batch, jax.random.PRNGKey(1), jnp.int32(20))
   np.testing.assert_allclose([m0["kl_weight"], m5["kl_weight"],
                               m20["kl_weight"]], [0.0, 1.0, 2.0])
-  a = vae.binarize(batch["image"], "dynamic", jax.random.PRNGKey(0))
-  b = vae.binarize(batch["image"], "dynamic", jax.random.PRNGKey(1))
+  a = losses.binarize_images(batch["image"], "dynamic", jax.random.PRNGKey(0))
+  b = losses.binarize_images(batch["image"], "dynamic", jax.random.PRNGKey(1))
   assert set(np.unique(a)) <= {0.0, 1.0} and not np.array_equal(a, b)
 
 

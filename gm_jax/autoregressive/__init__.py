@@ -45,23 +45,24 @@ import ml_collections
 
 from gm_jax import losses
 from gm_jax.autoregressive.layers import (
-    DownRightShiftedConv,
-    DownRightShiftedConvTranspose,
-    DownShiftedConv,
-    DownShiftedConvTranspose,
-    MaskedConv,
-    causal_mask,
-    channel_groups,
-    concat_elu,
-    down_shift,
-    right_shift,
+  DownRightShiftedConv,
+  DownRightShiftedConvTranspose,
+  DownShiftedConv,
+  DownShiftedConvTranspose,
+  MaskedConv,
+  causal_mask,
+  channel_groups,
+  concat_elu,
+  down_shift,
+  right_shift,
 )
 from gm_jax.autoregressive.networks import (
-    GatedPixelCNN,
-    PixelCNN,
-    PixelCNNPlusPlus,
+  GatedPixelCNN,
+  PixelCNN,
+  PixelCNNPlusPlus,
 )
 from gm_jax.family import Family
+from gm_jax.losses import binarize_images  # noqa: F401  (re-export)
 
 __all__ = [
     "ARCHITECTURES", "BINARIZE", "DEFAULTS", "LIKELIHOODS", "ModelSpec",
@@ -76,7 +77,7 @@ Array = jax.Array
 
 ARCHITECTURES = ("pixelcnn", "gated_pixelcnn", "pixelcnnpp")
 LIKELIHOODS = ("bernoulli", "categorical", "logistic_mixture")
-BINARIZE = ("none", "threshold", "dynamic")
+BINARIZE = losses.BINARIZATIONS
 NUM_BINS = 256  # 8-bit data.
 
 DEFAULTS: Mapping[str, Any] = {
@@ -231,29 +232,6 @@ def receptive_rows(spec: ModelSpec) -> Optional[int]:
   return None
 
 
-def binarize_images(image: Array, mode: str,
-                    key: Optional[Array] = None) -> Array:
-  """uint8 [B, H, W, C] -> float32 {0, 1} of the same shape.
-
-  Args:
-    image: uint8 images (0..255, or already {0, 1} for mode "none").
-    mode: "none" (taken as is), "threshold" (pixel > 127) or "dynamic"
-      (Bernoulli(pixel / 255) with ``key``).
-    key: PRNG key, needed for "dynamic".
-  """
-  if mode == "none":
-    return image.astype(jnp.float32)
-  if mode == "threshold":
-    return (image > 127).astype(jnp.float32)
-  if mode == "dynamic":
-    if key is None:
-      raise ValueError("binarize_images: mode 'dynamic' needs a key.")
-    probs = image.astype(jnp.float32) / 255.0
-    return jax.random.bernoulli(key, probs).astype(jnp.float32)
-  raise ValueError(f"binarize_images: mode={mode!r}, expected one of "
-                   f"{BINARIZE}.")
-
-
 def make(model_config: ml_collections.ConfigDict) -> Family:
   """Builds the autoregressive family for ``config.model``."""
   spec = parse_config(model_config)
@@ -273,7 +251,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
           f"pixelcnn family: batch['image'] has shape {image.shape}, expected"
           f" [B, {height}, {width}, {channels}] (config.model.image_shape).")
     if spec.likelihood == "bernoulli":
-      targets = binarize_images(image, spec.binarize, key)
+      targets = losses.binarize_images(image, spec.binarize, key)
       return 2.0 * targets - 1.0, targets
     targets = image.astype(jnp.int32)
     return losses.scale_to_symmetric(targets, NUM_BINS), targets
