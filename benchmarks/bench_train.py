@@ -47,11 +47,10 @@ def main(argv):
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   source = data.load_source(config.data, config.data.train_split)
   bs, ebs = config.train.batch_size, config.train.eval_batch_size
-  rows = sharding.local_rows(bs, mesh)
 
-  def batch_at(step, size=bs, rows=rows):
+  def batch_at(step, size=bs):
     indices = train.train_indices(len(source), size, config.seed, step)
-    return sharding.host_to_global(source.get(indices[rows]), mesh)
+    return sharding.global_batch(source, indices, mesh)
 
   tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
   init_fn = jax.jit(train.make_init_fn(family, tx),
@@ -78,8 +77,7 @@ def main(argv):
   jax.block_until_ready(state)
   train_seconds = time.perf_counter() - t0
 
-  eval_rows = sharding.local_rows(ebs, mesh)
-  eval_batch = batch_at(0, ebs, eval_rows)
+  eval_batch = batch_at(0, ebs)
   eval_fn = jax.jit(family.evaluate,
                     in_shardings=(replicated, batch_sharding, replicated),
                     out_shardings=replicated)

@@ -61,3 +61,10 @@ def host_to_global(local_batch: Mapping[str, np.ndarray],
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in local_batch.items()
   }
+
+
+def global_batch(source, indices: np.ndarray, mesh: Mesh) -> dict[str, jax.Array]:
+  """The global batch of examples ``indices`` from an image source, of which
+  this process reads only the rows its own devices hold."""
+  rows = local_rows(len(indices), mesh)
+  return host_to_global(source.get(np.asarray(indices)[rows]), mesh)

@@ -198,11 +198,10 @@ def train_batches(source: data_lib.ImageSource, batch_size: int, seed: int,
   """Global batches for steps start_step, start_step + 1, ... (a pure
   function of (seed, step): resuming reads exactly what an uninterrupted run
   would have read)."""
-  rows = sharding_lib.local_rows(batch_size, mesh)
   step = start_step
   while True:
     indices = train_indices(len(source), batch_size, seed, step)
-    yield sharding_lib.host_to_global(source.get(indices[rows]), mesh)
+    yield sharding_lib.global_batch(source, indices, mesh)
     step += 1
 
 
@@ -217,12 +216,11 @@ def evaluate_dataset(evaluate_fn, params, source: data_lib.ImageSource,
   examples (all of them if negative). The last batch is padded by repeating
   examples; padded rows are dropped before averaging."""
   total = len(source) if num_examples < 0 else min(num_examples, len(source))
-  rows = sharding_lib.local_rows(batch_size, mesh)
   sums: dict[str, float] = {}
   for batch_index, start in enumerate(range(0, total, batch_size)):
     valid = min(batch_size, total - start)
     indices = np.arange(start, start + batch_size) % total
-    batch = sharding_lib.host_to_global(source.get(indices[rows]), mesh)
+    batch = sharding_lib.global_batch(source, indices, mesh)
     out = evaluate_fn(params, batch, jax.random.fold_in(key, batch_index))
     for name, values in jax.device_get(out).items():
       values = np.asarray(values, np.float64)
@@ -394,8 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     path = _save_grid(writer, workdir, step, "samples", images)
     if visualize_fn is not None:
       indices = np.arange(config.train.eval_batch_size) % len(eval_source)
-      rows = sharding_lib.local_rows(config.train.eval_batch_size, mesh)
-      batch = sharding_lib.host_to_global(eval_source.get(indices[rows]), mesh)
+      batch = sharding_lib.global_batch(eval_source, indices, mesh)
       for name, pictures in visualize_fn(state.ema_params, batch, key).items():
         _save_grid(writer, workdir, step, name, pictures)
     _print(f"[samples] step {step}: {path}")

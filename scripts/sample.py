@@ -54,9 +54,8 @@ def main(argv):
   if family.visualize is not None:
     source = data.load_source(config.data, config.data.eval_split)
     size = config.train.eval_batch_size
-    rows = sharding.local_rows(size, mesh)
-    batch = sharding.host_to_global(
-        source.get((np.arange(size) % len(source))[rows]), mesh)
+    batch = sharding.global_batch(source, np.arange(size) % len(source),
+                                  mesh)
     extra = jax.jit(family.visualize)(params, batch, key)
     pictures.update({f"_{k}": np.asarray(jax.device_get(v))
                      for k, v in extra.items()})
