@@ -17,6 +17,8 @@ override of a key that does not exist (a typo) fails loudly.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Iterable, Optional
 
 import ml_collections
@@ -94,6 +96,48 @@ def parse_args(arg: Optional[str], allowed: Iterable[str]) -> set[str]:
         f"Unknown config argument(s) {sorted(unknown)}; this config accepts"
         f" {sorted(allowed)}.")
   return words
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_path(path: str) -> str:
+  """A config file's path: as given, else relative to the repository root
+  (so "configs/vae_mnist.py" works from any working directory)."""
+  if os.path.isfile(path):
+    return path
+  in_repo = os.path.join(REPO_ROOT, path)
+  if not os.path.isabs(path) and os.path.isfile(in_repo):
+    return in_repo
+  raise FileNotFoundError(f"Config file {path!r} does not exist.")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads "configs/x.py" or "configs/x.py:arg1,arg2" like the command line.
+
+  The file is imported from its path (no ``sys.path`` edits) and its
+  ``get_config(arg)`` is called with the text after the colon (None when
+  there is none). The result is locked.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the file has no ``get_config`` or rejects the argument.
+  """
+  path, _, arg = spec.partition(":")
+  path = resolve_config_path(path)
+  name = "gm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  if get_config is None:
+    raise ValueError(f"Config file {path!r} defines no get_config(arg).")
+  config = get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"get_config in {path!r} returned {type(config)}, not a"
+                     " ConfigDict.")
+  config.lock()
+  return config
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
