@@ -12,25 +12,16 @@ from the config's source, already on the device, so the figures measure the
 jitted computation, not the input pipeline.
 """
 
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-import jax  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from gm_jax import launch
 
-from gm_jax import data, launch, sharding, train  # noqa: E402
-from gm_jax.families import make_family  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
+launch.define_config_flag(required=True, help_text="Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 2, "Timed eval batches.")
-flags.mark_flags_as_required(["config"])
 launch.define_distributed_flags()
 
 
@@ -40,61 +31,53 @@ def _peak_rss_gib() -> float:
 
 def main(argv):
   del argv
+  config = launch.load_config(flags.FLAGS.config)
   launch.initialize_distributed()
-  config = _CONFIG.value
-  family = make_family(config.model)
-  mesh = sharding.make_mesh()
-  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  import jax
+
+  from gm_jax import data, input_pipeline, train
+
+  built = train.build(config)
   source = data.load_source(config.data, config.data.train_split)
   bs, ebs = config.train.batch_size, config.train.eval_batch_size
 
   def batch_at(step, size=bs):
-    indices = train.train_indices(len(source), size, config.seed, step)
-    return sharding.global_batch(source, indices, mesh)
+    indices = input_pipeline.train_indices(len(source), size, config.seed,
+                                           step)
+    return input_pipeline.global_batch(source, indices, built.mesh)
 
-  tx, schedule = train.make_optimizer(config.optim, config.train.num_steps)
-  init_fn = jax.jit(train.make_init_fn(family, tx),
-                    out_shardings=replicated)
-  state = init_fn(jax.random.PRNGKey(0), batch_at(0))
-  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  step_fn = jax.jit(
-      train.make_train_step(family, tx, schedule, config.optim.ema_decay),
-      in_shardings=(replicated, batch_sharding, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
+  state = built.init(jax.random.PRNGKey(0), batch_at(0))
   key = jax.random.PRNGKey(1)
   batches = [batch_at(i) for i in range(4)]
 
   t0 = time.perf_counter()
-  state, metrics = step_fn(state, batches[0], key)
+  state, metrics = built.train_step(state, batches[0], key)
   jax.block_until_ready(metrics)
   first_step = time.perf_counter() - t0
   for i in range(2):  # warm-up
-    state, metrics = step_fn(state, batches[i % 4], key)
+    state, metrics = built.train_step(state, batches[i % 4], key)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
   for i in range(_STEPS.value):
-    state, metrics = step_fn(state, batches[i % 4], key)
+    state, metrics = built.train_step(state, batches[i % 4], key)
   jax.block_until_ready(state)
   train_seconds = time.perf_counter() - t0
 
   eval_batch = batch_at(0, ebs)
-  eval_fn = jax.jit(family.evaluate,
-                    in_shardings=(replicated, batch_sharding, replicated),
-                    out_shardings=replicated)
   t0 = time.perf_counter()
-  jax.block_until_ready(eval_fn(state.ema_params, eval_batch, key))
+  jax.block_until_ready(built.evaluate(state.ema_params, eval_batch, key))
   eval_first = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(_EVAL_BATCHES.value):
-    out = eval_fn(state.ema_params, eval_batch, key)
+    out = built.evaluate(state.ema_params, eval_batch, key)
   jax.block_until_ready(out)
   eval_seconds = time.perf_counter() - t0
 
   if launch.is_main_process():
     steps = _STEPS.value
-    print(f"devices:              {mesh.size} x {jax.devices()[0].device_kind}"
-          f" ({jax.default_backend()})")
-    print(f"model:                {config.model.family}, {num_params:,}"
+    print(f"devices:              {built.mesh.size} x"
+          f" {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print(f"model:                {config.model.family}, {built.num_params:,}"
           " parameters")
     print(f"global batch:         {bs} (eval {ebs})")
     print(f"first step (compile): {first_step:.2f} s")

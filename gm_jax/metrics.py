@@ -43,27 +43,84 @@ def save_png(path: str, grid: np.ndarray) -> None:
     Image.fromarray(grid).save(path)
 
 
+# Wall-clock figures: they differ between an interrupted and an uninterrupted
+# run, unlike every other recorded value.
+TIMING_KEYS = frozenset({"steps_per_sec", "data_wait_fraction", "eval_seconds",
+                         "sample_seconds"})
+
+
 def _to_python(value):
   value = np.asarray(value)
   return value.item() if value.ndim == 0 else value.tolist()
 
 
+def _parse_lines(lines) -> list[dict]:
+  """JSON records of metrics.jsonl lines; a torn last line (a kill during a
+  write) is skipped."""
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i != len(lines) - 1:
+        raise
+  return records
+
+
+def truncate_records(path: str, last_step: int) -> int:
+  """Keeps the records of metrics.jsonl up to ``last_step`` (atomically);
+  returns how many were dropped. Used on resume: the steps after the
+  restored checkpoint are trained again and write their records again."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  records = _parse_lines(lines)
+  kept = [r for r in records if int(r["step"]) <= last_step]
+  if len(kept) == len(lines):
+    return 0
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(records) - len(kept)
+
+
 class MetricWriter:
   """Appends ``{"step", "split", ...}`` lines to metrics.jsonl and scalars
-  (and images) to TensorBoard under ``workdir/tensorboard``."""
+  (and images) to TensorBoard under ``workdir/tensorboard``.
+
+  Args:
+    workdir: the run's folder.
+    enabled: False on processes other than 0 (everything is a no-op).
+    tensorboard: also write TensorBoard events.
+    resume_step: the step a run resumes from: records after it are dropped
+      from metrics.jsonl and TensorBoard purges its events after it, so every
+      step appears once.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True,
-               tensorboard: bool = True):
+               tensorboard: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
+    self.dropped_records = 0
     self._jsonl = None
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      self.dropped_records = truncate_records(path, resume_step)
+    self._jsonl = open(path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: optional cost
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=purge)
 
   def write_scalars(self, step: int, split: str,
                     scalars: Mapping[str, float]) -> None:
@@ -92,11 +149,13 @@ def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
   """Reads metrics.jsonl back (for tests and notebooks)."""
   path = os.path.join(workdir, "metrics.jsonl")
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    records = _parse_lines(f.readlines())
   return [r for r in records if split is None or r["split"] == split]
 
 
 def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -104,11 +163,20 @@ def format_duration(seconds: float) -> str:
 
 
 class IntervalMeans:
-  """Averages scalar metrics over the steps between two log lines."""
+  """Averages scalar metrics over the steps between two log lines.
 
-  def __init__(self):
-    self._sums: dict[str, float] = {}
-    self._count = 0
+  ``state()``/``IntervalMeans(state)`` carry the running sums through a
+  checkpoint (Python floats round-trip exactly through JSON), so the first
+  log line after a resume averages the same steps as an uninterrupted run.
+  """
+
+  def __init__(self, state: Optional[dict] = None):
+    state = state or {}
+    self._sums: dict[str, float] = dict(state.get("sums", {}))
+    self._count = int(state.get("count", 0))
+
+  def state(self) -> dict:
+    return {"sums": dict(self._sums), "count": self._count}
 
   def add(self, scalars: Mapping[str, float]) -> None:
     for k, v in scalars.items():
@@ -131,8 +199,11 @@ class Progress:
     self._last_time = time.perf_counter()
 
   def report(self, step: int) -> dict[str, float]:
+    """{"steps_per_sec", "eta_sec", "seconds" (since the last report)}."""
     now = time.perf_counter()
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    seconds = max(now - self._last_time, 1e-9)
+    steps = step - self._last_step
+    rate = steps / seconds if steps > 0 else float("nan")
     self._last_step, self._last_time = step, now
     eta = (self.num_steps - step) / rate if rate > 0 else float("inf")
-    return {"steps_per_sec": rate, "eta_sec": eta}
+    return {"steps_per_sec": rate, "eta_sec": eta, "seconds": seconds}

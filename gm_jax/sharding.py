@@ -1,9 +1,10 @@
 """Meshes and shardings: one 1-D "data" axis over every device.
 
-The train state is replicated; a batch is split along its leading axis. Each
-JAX process reads only the rows of the global batch that its own devices
-hold, and ``host_to_global`` stitches the per-process pieces into one global
-``jax.Array``.
+The train state is replicated; a batch is split along its leading axis.
+``local_rows`` says which rows of a global batch this process's devices hold
+and ``host_to_global`` stitches the per-process pieces into one global
+``jax.Array``. Reading those rows is the input pipeline's business
+(``gm_jax.input_pipeline``).
 """
 
 from __future__ import annotations
@@ -61,10 +62,3 @@ def host_to_global(local_batch: Mapping[str, np.ndarray],
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in local_batch.items()
   }
-
-
-def global_batch(source, indices: np.ndarray, mesh: Mesh) -> dict[str, jax.Array]:
-  """The global batch of examples ``indices`` from an image source, of which
-  this process reads only the rows its own devices hold."""
-  rows = local_rows(len(indices), mesh)
-  return host_to_global(source.get(np.asarray(indices)[rows]), mesh)

@@ -1,26 +1,26 @@
-"""The shared trainer: ``train_and_evaluate(config, workdir)``.
+"""The shared trainer: ``build(config, mesh)`` and
+``train_and_evaluate(config, workdir)``.
 
-One ``jax.jit``-compiled step with explicit shardings on a 1-D "data" mesh
-(state replicated and donated, batch split on its leading axis), stateless
-randomness (``fold_in(key, step)``), optax optimizer with EMA, periodic
-evaluation on the test split with the EMA parameters, sample grids, metrics
-to ``metrics.jsonl`` and TensorBoard, and checkpoints from which a restarted
-run continues bit for bit. It never branches on the model family.
+``build`` turns a config into everything that runs on devices: the family,
+the optax optimizer, the abstract train state and the jitted init, train,
+evaluate, sample and visualize functions with explicit shardings on a 1-D
+"data" mesh (state replicated and donated, batch split on its leading axis).
+Training, inference restores, the scripts and the benchmarks all start from
+it. Randomness is stateless (``fold_in(key, step)``), so a restarted run
+continues bit for bit. Nothing here branches on the model family.
 
 Outputs under ``workdir``: config.json, metrics.jsonl, tensorboard/,
-samples/step_<7-digit step>.png, checkpoints/.
+samples/step_<7-digit step>[_<name>].png, checkpoints/ (see
+``gm_jax.checkpoint`` for what is guaranteed about them), LOCK while a
+trainer runs.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
-import queue
-import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -30,14 +30,11 @@ import numpy as np
 import optax
 
 from gm_jax import checkpoint as checkpoint_lib
-from gm_jax import config_lib
-from gm_jax import data as data_lib
+from gm_jax import config_lib, input_pipeline
 from gm_jax import metrics as metrics_lib
 from gm_jax import sharding as sharding_lib
 from gm_jax.families import make_family
 from gm_jax.family import Family
-
-log = logging.getLogger(__name__)
 
 Hook = Callable[[int, "TrainState"], None]
 
@@ -58,8 +55,8 @@ class TrainState:
 # Optimizer.
 
 
-def make_schedule(optim: ml_collections.ConfigDict,
-                  num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim: ml_collections.ConfigDict,
+                           num_steps: int) -> optax.Schedule:
   """Learning rate per step: optional linear warm-up, then the schedule."""
   lr = optim.learning_rate
   warmup = optim.warmup_steps
@@ -86,7 +83,7 @@ def make_optimizer(optim: ml_collections.ConfigDict,
                    num_steps: int) -> tuple[optax.GradientTransformation,
                                             optax.Schedule]:
   """Clipping, Adam(W) and the schedule, as one optax transformation."""
-  schedule = make_schedule(optim, num_steps)
+  schedule = learning_rate_schedule(optim, num_steps)
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
@@ -138,90 +135,98 @@ def make_train_step(family: Family, tx: optax.GradientTransformation,
 
 
 # ----------------------------------------------------------------------------
-# Data.
+# Everything that runs on devices, built once.
 
 
-def _prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-  """Runs ``iterator`` in a background thread, ``size`` items ahead."""
-  q: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
-  stop = threading.Event()
+class Built(NamedTuple):
+  """What ``build`` makes of a config (the jitted functions take sharded
+  global arrays; see ``input_pipeline``)."""
 
-  def worker():
-    try:
-      for item in iterator:
-        if stop.is_set():
-          return
-        q.put(item)
-    except Exception as e:  # surface loader errors in the main thread
-      q.put(e)
-    q.put(done)
+  config: ml_collections.ConfigDict
+  family: Family
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with shardings
+  init: Callable  # (key, batch) -> TrainState
+  train_step: Callable  # (state, batch, key) -> (state, metrics); donates
+  evaluate: Callable  # (params, batch, key) -> {name: [B]}
+  sample: Callable  # (params, key, num) -> [num, H, W, C]
+  visualize: Optional[Callable]  # (params, batch, key) -> {name: images}
 
-  thread = threading.Thread(target=worker, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is done:
-        return
-      if isinstance(item, Exception):
-        raise item
-      yield item
-  finally:
-    stop.set()
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(
+        self.abstract_state.params))
 
 
-@functools.lru_cache(maxsize=2)
-def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+def build(config: ml_collections.ConfigDict,
+          mesh: Optional[jax.sharding.Mesh] = None) -> Built:
+  """The family, optimizer, abstract state and jitted functions of a config.
 
-
-def train_indices(num_examples: int, batch_size: int, seed: int,
-                  step: int) -> np.ndarray:
-  """The example indices of the global batch at ``step``.
-
-  Each epoch is a permutation drawn from (seed, epoch); batches walk through
-  it and drop the incomplete remainder, so the order is a pure function of
-  (seed, step) and any process can compute any step's batch.
+  Nothing is computed: the abstract state comes from ``jax.eval_shape`` on a
+  batch of ``config.model.image_shape`` images.
   """
-  steps_per_epoch = num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={batch_size} exceeds the {num_examples}"
-                     " training examples.")
-  epoch, position = divmod(step, steps_per_epoch)
-  permutation = _epoch_permutation(num_examples, seed, epoch)
-  return permutation[position * batch_size:(position + 1) * batch_size]
-
-
-def train_batches(source: data_lib.ImageSource, batch_size: int, seed: int,
-                  start_step: int, mesh) -> Iterator[dict[str, jax.Array]]:
-  """Global batches for steps start_step, start_step + 1, ... (a pure
-  function of (seed, step): resuming reads exactly what an uninterrupted run
-  would have read)."""
-  step = start_step
-  while True:
-    indices = train_indices(len(source), batch_size, seed, step)
-    yield sharding_lib.global_batch(source, indices, mesh)
-    step += 1
+  config_lib.validate(config)
+  family = make_family(config.model)
+  mesh = mesh if mesh is not None else sharding_lib.make_mesh()
+  sharding_lib.check_batch_size(config.train.eval_batch_size, mesh,
+                                "train.eval_batch_size")
+  replicated = sharding_lib.replicated(mesh)
+  batched = sharding_lib.batch_sharding(mesh)
+  tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+  init_fn = make_init_fn(family, tx)
+  shape = (config.train.batch_size,) + tuple(config.model.image_shape)
+  batch = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
+           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+  abstract_state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init_fn, jax.random.PRNGKey(0), batch))
+  data_in = (replicated, batched, replicated)
+  visualize = None
+  if family.visualize is not None:
+    visualize = jax.jit(family.visualize, in_shardings=data_in,
+                        out_shardings=replicated)
+  return Built(
+      config=config, family=family, mesh=mesh, tx=tx,
+      abstract_state=abstract_state,
+      init=jax.jit(init_fn, in_shardings=(replicated, batched),
+                   out_shardings=replicated),
+      train_step=jax.jit(
+          make_train_step(family, tx, schedule, config.optim.ema_decay),
+          in_shardings=data_in, out_shardings=(replicated, replicated),
+          donate_argnums=(0,)),
+      evaluate=jax.jit(family.evaluate, in_shardings=data_in,
+                       out_shardings=replicated),
+      sample=jax.jit(family.sample, static_argnums=(2,),
+                     out_shardings=replicated),
+      visualize=visualize)
 
 
 # ----------------------------------------------------------------------------
-# Evaluation and samples.
+# Evaluation.
+
+# Per-example metrics whose standard error over examples is reported too.
+STDERR_METRICS = ("nll_nats", "bpd")
 
 
-def evaluate_dataset(evaluate_fn, params, source: data_lib.ImageSource,
-                     batch_size: int, num_examples: int, key, mesh
+def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
+                     num_examples: int, key, mesh,
+                     on_batch: Optional[Callable[[int, int, dict], None]] = None
                      ) -> dict[str, float]:
-  """Means of the per-example metrics over the first ``num_examples`` test
-  examples (all of them if negative). The last batch is padded by repeating
-  examples; padded rows are dropped before averaging."""
-  total = len(source) if num_examples < 0 else min(num_examples, len(source))
+  """Means of the per-example metrics over the first ``num_examples``
+  examples of ``source`` (all if negative), plus ``<name>_stderr`` (the
+  standard error of the mean over examples) for nll_nats and bpd.
+
+  ``on_batch(done, total, running_means)`` is called after every batch (for
+  progress displays).
+  """
+  total = input_pipeline.num_eval_examples(source, num_examples)
   sums: dict[str, float] = {}
-  for batch_index, start in enumerate(range(0, total, batch_size)):
-    valid = min(batch_size, total - start)
-    indices = np.arange(start, start + batch_size) % total
-    batch = sharding_lib.global_batch(source, indices, mesh)
-    out = evaluate_fn(params, batch, jax.random.fold_in(key, batch_index))
+  squares: dict[str, float] = {}
+  done = 0
+  batches = input_pipeline.eval_batches(source, batch_size, num_examples, mesh)
+  for index, (batch, valid) in enumerate(batches):
+    out = evaluate_fn(params, batch, jax.random.fold_in(key, index))
     for name, values in jax.device_get(out).items():
       values = np.asarray(values, np.float64)
       if values.shape != (batch_size,):
@@ -229,23 +234,22 @@ def evaluate_dataset(evaluate_fn, params, source: data_lib.ImageSource,
             f"evaluate() must return per-example [B] arrays; {name!r} has"
             f" shape {values.shape}.")
       sums[name] = sums.get(name, 0.0) + float(values[:valid].sum())
-  return {name: value / total for name, value in sums.items()}
-
-
-def _save_grid(writer: metrics_lib.MetricWriter, workdir: str, step: int,
-               name: str, images) -> str:
-  images = np.asarray(jax.device_get(images))
-  grid = metrics_lib.image_grid(images)
-  suffix = "" if name == "samples" else f"_{name}"
-  path = os.path.join(workdir, "samples", f"step_{step:07d}{suffix}.png")
-  if jax.process_index() == 0:
-    metrics_lib.save_png(path, grid)
-  writer.write_image(step, name, grid)
-  return path
+      squares[name] = squares.get(name, 0.0) + float(
+          np.square(values[:valid]).sum())
+    done += valid
+    if on_batch is not None:
+      on_batch(done, total, {k: v / done for k, v in sums.items()})
+  results = {name: value / total for name, value in sums.items()}
+  for name in STDERR_METRICS:
+    if name in sums and total > 1:
+      variance = max(squares[name] / total - results[name] ** 2, 0.0)
+      results[f"{name}_stderr"] = float(np.sqrt(variance * total / (total - 1)
+                                                / total))
+  return results
 
 
 # ----------------------------------------------------------------------------
-# The run.
+# The run's pieces.
 
 
 def _setup_compilation_cache(cache_dir: str) -> None:
@@ -258,40 +262,172 @@ def _setup_compilation_cache(cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
-                          has_checkpoint: bool) -> None:
-  """Writes config.json, refusing to resume with a different model."""
+def read_saved_config(workdir: str) -> Optional[dict]:
   path = os.path.join(workdir, "config.json")
-  if has_checkpoint and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    current = json.loads(config.to_json_best_effort())
-    if saved.get("model") != current["model"]:
-      keys = sorted(
-          k for k in set(saved.get("model", {})) | set(current["model"])
-          if saved.get("model", {}).get(k) != current["model"].get(k))
-      raise ValueError(
-          f"The workdir {workdir} holds checkpoints of a different model"
-          f" (config.model keys that differ: {keys}). Use a new workdir or the"
-          " original model config.")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
-def _abstract(tree, sharding):
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def config_differences(saved: Optional[dict], config, sections: Sequence[str]
+                       ) -> list[str]:
+  """["model.latent_dim: 16 -> 5", ...] between a saved config.json and
+  ``config`` in the given sections."""
+  if saved is None:
+    return []
+  current = json.loads(config.to_json_best_effort())
+  out = []
+  for section in sections:
+    old, new = saved.get(section, {}), current.get(section, {})
+    for key in sorted(set(old) | set(new)):
+      if old.get(key) != new.get(key):
+        out.append(f"{section}.{key}: {old.get(key, '<unset>')!r} ->"
+                   f" {new.get(key, '<unset>')!r}")
+  return out
 
 
-def _check_image_shape(source: data_lib.ImageSource, config, split: str):
-  want = tuple(config.model.image_shape)
-  got = tuple(source.image_shape)
-  if got != want:
-    raise ValueError(
-        f"The {split} data ({config.data.source}"
-        f"{':' + config.data.name if config.data.name else ''}) has images of"
-        f" shape {got} but config.model.image_shape is {want}.")
+def _restore_for_training(checkpointer, built: Built, saved_config, workdir):
+  """The newest intact checkpoint, or None for a fresh start; refuses to
+  restart a workdir whose checkpoints are all damaged."""
+  config = built.config
+  model_diff = config_differences(saved_config, config, ["model"])
+  if model_diff and checkpointer.all_steps():
+    raise checkpoint_lib.CheckpointMismatchError(
+        f"The workdir {workdir} holds checkpoints of a different model"
+        f" (config.model keys that differ: {'; '.join(model_diff)}). Use a"
+        " new workdir or the original model config; nothing was moved.")
+  try:
+    restored = checkpointer.restore_latest(built.abstract_state)
+  except checkpoint_lib.CheckpointMismatchError as e:
+    diff = config_differences(saved_config, config, ["model", "optim"])
+    raise checkpoint_lib.CheckpointMismatchError(
+        f"{e} Config keys that differ from {workdir}/config.json:"
+        f" {'; '.join(diff) or 'none'}. Nothing was moved.") from None
+  quarantined = os.path.join(workdir, checkpoint_lib.CORRUPT_DIR)
+  damaged = [name for name in (os.listdir(quarantined)
+                               if os.path.isdir(quarantined) else [])
+             if checkpoint_lib.TMP_MARKER not in name]  # not unfinished saves
+  if restored is None and damaged:
+    raise checkpoint_lib.CheckpointError(
+        f"{workdir} has no intact checkpoint but damaged ones in"
+        f" {quarantined}: refusing to start over from step 0 here. Repair"
+        " them or use a new workdir.")
+  return restored
+
+
+class _LaggedMetrics:
+  """Fetches each step's metrics one step late (so the host never waits for
+  the device), raises NonFiniteError for a non-finite step, and keeps the
+  means since the last log line."""
+
+  def __init__(self, interval_state: Optional[dict], latest_checkpoint):
+    self.interval = metrics_lib.IntervalMeans(interval_state)
+    self._latest_checkpoint = latest_checkpoint
+    self._pending = None
+
+  def push(self, step: int, metrics) -> None:
+    self.flush()
+    self._pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    metrics = jax.device_get(metrics)
+    if not bool(metrics["finite"]):
+      raise NonFiniteError(
+          f"Non-finite training at step {step} (the update from step"
+          f" {step - 1}): loss={float(metrics['loss'])},"
+          f" grad_norm={float(metrics['grad_norm'])}. Step {step} and later"
+          " were not saved; the latest checkpoint is at step"
+          f" {self._latest_checkpoint()}. Lower optim.learning_rate or set"
+          " optim.grad_clip.")
+    self.interval.add({k: float(v) for k, v in metrics.items()
+                       if k != "finite"})
+
+
+class _Outputs:
+  """Evaluations, sample grids and log lines, with their cadence."""
+
+  def __init__(self, built: Built, workdir: str, eval_source,
+               writer: metrics_lib.MetricWriter, keys):
+    self.built, self.workdir, self.eval_source = built, workdir, eval_source
+    self.train, self.writer = built.config.train, writer
+    self.eval_key, self.sample_key = keys
+
+  def due(self, every: int, step: int) -> bool:
+    return step > 0 and (step % every == 0 or step == self.train.num_steps)
+
+  def sample_path(self, step: int, name: str = "samples") -> str:
+    suffix = "" if name == "samples" else f"_{name}"
+    return os.path.join(self.workdir, "samples", f"step_{step:07d}{suffix}.png")
+
+  def evaluate(self, step: int, params) -> dict[str, float]:
+    t0 = time.perf_counter()
+    results = evaluate_dataset(
+        self.built.evaluate, params, self.eval_source,
+        self.train.eval_batch_size, self.train.eval_examples, self.eval_key,
+        self.built.mesh)
+    results["eval_seconds"] = time.perf_counter() - t0
+    self.writer.write_scalars(step, "eval", results)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                      if k not in metrics_lib.TIMING_KEYS)
+    _print(f"[eval] step {step}: {shown} ({results['eval_seconds']:.1f}s)")
+    if not all(np.isfinite(v) for v in results.values()):
+      _print(f"WARNING: non-finite evaluation metrics at step {step}.")
+    return results
+
+  def samples(self, step: int, params) -> None:
+    key = jax.random.fold_in(self.sample_key, step)
+    pictures = {"samples": self.built.sample(params, key,
+                                             self.train.num_samples)}
+    if self.built.visualize is not None:
+      indices = (np.arange(self.train.eval_batch_size)
+                 % len(self.eval_source))
+      batch = input_pipeline.global_batch(self.eval_source, indices,
+                                          self.built.mesh)
+      pictures.update(self.built.visualize(params, batch, key))
+    for name, images in pictures.items():
+      grid = metrics_lib.image_grid(np.asarray(jax.device_get(images)))
+      if jax.process_index() == 0:
+        metrics_lib.save_png(self.sample_path(step, name), grid)
+      self.writer.write_image(step, name, grid)
+    _print(f"[samples] step {step}: {self.sample_path(step)}")
+
+  def catch_up(self, step: int, state) -> Optional[dict]:
+    """After a restore at ``step``: what was due there but never written
+    (the run was killed between the save and them). Returns the eval
+    metrics recorded at ``step``, if any."""
+    recorded = [r for r in _records(self.workdir, "eval") if r["step"] == step]
+    if self.due(self.train.eval_every, step) and not recorded:
+      recorded = [self.evaluate(step, state.ema_params)]
+    if (self.due(self.train.sample_every, step)
+        and not os.path.exists(self.sample_path(step))):
+      self.samples(step, state.ema_params)
+    return recorded[-1] if recorded else None
+
+  def log(self, step: int, scalars: dict, speed: dict) -> None:
+    """A train record and log line; speed and ETA leave out compilation
+    (right after the first step there is no timed step yet)."""
+    rate = speed["steps_per_sec"]
+    if np.isfinite(rate):
+      scalars.update(steps_per_sec=rate)
+    self.writer.write_scalars(step, "train", scalars)
+    _print(f"step {step}/{self.train.num_steps} | loss {scalars['loss']:.4f} |"
+           f" {rate:.2f} steps/s |"
+           f" ETA {metrics_lib.format_duration(speed['eta_sec'])}")
+
+
+def _records(workdir: str, split: str) -> list[dict]:
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return []
+  return metrics_lib.read_metrics(workdir, split)
+
+
+# ----------------------------------------------------------------------------
+# The run.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -303,212 +439,150 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config: an experiment config (see gm_jax.config_lib).
     workdir: where outputs and checkpoints live; reusing it resumes.
     devices: the devices of the data mesh (default: all).
-    hooks: called as ``hook(step, state)`` on the host after every step.
+    hooks: called as ``hook(step, state)`` on the host after every step, once
+      its checkpoint (if due) is dispatched and before its evaluation.
 
   Returns:
-    The final evaluation metrics (means over the test split).
+    The final evaluation metrics (means over the test split); empty when
+    the run stopped early for a preemption (SIGTERM).
   """
-  config_lib.validate(config)
   _setup_compilation_cache(config.train.compilation_cache_dir)
-  family = make_family(config.model)
-  mesh = sharding_lib.make_mesh(devices)
-  sharding_lib.check_batch_size(config.train.batch_size, mesh,
+  built = build(config, sharding_lib.make_mesh(devices))
+  sharding_lib.check_batch_size(config.train.batch_size, built.mesh,
                                 "train.batch_size")
-  sharding_lib.check_batch_size(config.train.eval_batch_size, mesh,
-                                "train.eval_batch_size")
-  replicated = sharding_lib.replicated(mesh)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-
-  train_source = data_lib.load_source(config.data, config.data.train_split)
-  eval_source = data_lib.load_source(config.data, config.data.eval_split)
-  _check_image_shape(train_source, config, "train")
-  _check_image_shape(eval_source, config, "eval")
-  if len(train_source) < config.train.batch_size:
-    raise ValueError(
-        f"train.batch_size={config.train.batch_size} exceeds the"
-        f" {len(train_source)} training examples.")
-
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  num_steps = config.train.num_steps
-  tx, schedule = make_optimizer(config.optim, num_steps)
-  init_fn = make_init_fn(family, tx)
+  train_source, eval_source = input_pipeline.load_sources(config)
   init_key, train_key, eval_key, sample_key = jax.random.split(
       jax.random.PRNGKey(config.seed), 4)
-
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.ckpt.max_to_keep)
-  _check_workdir_config(workdir, config, bool(checkpointer.all_steps()))
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-
-  first_batch = next(train_batches(train_source, config.train.batch_size,
-                                   config.seed, 0, mesh))
-  jit_init = jax.jit(init_fn, in_shardings=(replicated, batch_sharding),
-                     out_shardings=replicated)
-  abstract_state = _abstract(jax.eval_shape(init_fn, init_key, first_batch),
-                             replicated)
-  start_step, state = checkpointer.restore_latest(abstract_state)
-  if state is None:
-    t0 = time.perf_counter()
-    state = jit_init(init_key, first_batch)
-    start_step = 0
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    _print(f"Initialised {config.model.family} with {num_params:,} parameters"
-           f" in {time.perf_counter() - t0:.1f}s on {mesh.size} device(s).")
-  else:
-    _print(f"Resumed from the checkpoint at step {start_step} in {workdir}.")
-  del first_batch
-
-  train_step = jax.jit(
-      make_train_step(family, tx, schedule, config.optim.ema_decay),
-      in_shardings=(replicated, batch_sharding, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
-  evaluate_fn = jax.jit(family.evaluate,
-                        in_shardings=(replicated, batch_sharding, replicated),
-                        out_shardings=replicated)
-  sample_fn = jax.jit(family.sample, static_argnums=(2,),
-                      out_shardings=replicated)
-  visualize_fn = None
-  if family.visualize is not None:
-    visualize_fn = jax.jit(family.visualize,
-                           in_shardings=(replicated, batch_sharding, replicated),
-                           out_shardings=replicated)
-
-  def run_eval(step: int, state: TrainState) -> dict[str, float]:
-    t0 = time.perf_counter()
-    results = evaluate_dataset(
-        evaluate_fn, state.ema_params, eval_source,
-        config.train.eval_batch_size, config.train.eval_examples, eval_key,
-        mesh)
-    results["eval_seconds"] = time.perf_counter() - t0
-    writer.write_scalars(step, "eval", results)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
-                      if k != "eval_seconds")
-    _print(f"[eval] step {step}: {shown} ({results['eval_seconds']:.1f}s)")
-    return results
-
-  def run_samples(step: int, state: TrainState) -> None:
-    key = jax.random.fold_in(sample_key, step)
-    images = sample_fn(state.ema_params, key, config.train.num_samples)
-    path = _save_grid(writer, workdir, step, "samples", images)
-    if visualize_fn is not None:
-      indices = np.arange(config.train.eval_batch_size) % len(eval_source)
-      batch = sharding_lib.global_batch(eval_source, indices, mesh)
-      for name, pictures in visualize_fn(state.ema_params, batch, key).items():
-        _save_grid(writer, workdir, step, name, pictures)
-    _print(f"[samples] step {step}: {path}")
-
-  def check_finite(step: int, metrics) -> dict[str, float]:
-    """Fetches a step's metrics; raises if that step was not finite."""
-    metrics = jax.device_get(metrics)
-    if not bool(metrics["finite"]):
-      raise NonFiniteError(
-          f"Non-finite training at step {step}: loss={float(metrics['loss'])},"
-          f" grad_norm={float(metrics['grad_norm'])}. The state after this"
-          " step was not checkpointed; the latest checkpoint is at step"
-          f" {checkpointer.latest_step()}. Lower optim.learning_rate or set"
-          " optim.grad_clip.")
-    return {k: float(v) for k, v in metrics.items() if k != "finite"}
-
-  batches = _prefetch(train_batches(train_source, config.train.batch_size,
-                                    config.seed, start_step, mesh))
-  progress = metrics_lib.Progress(start_step, num_steps)
-  final: dict[str, float] = {}
-  pending = None  # (step, metrics) of the last dispatched step, not yet checked
-  interval = metrics_lib.IntervalMeans()
-  compile_reported = start_step >= num_steps
-  try:
-    for step in range(start_step, num_steps):
-      batch = next(batches)
-      t0 = time.perf_counter()
-      state, step_metrics = train_step(state, batch, train_key)
-      if not compile_reported:
-        jax.block_until_ready(step_metrics)
-        _print(f"First step (with compilation) took"
-               f" {time.perf_counter() - t0:.1f}s.")
-        compile_reported = True
-      if pending is not None:  # check one step behind to keep the device busy
-        interval.add(check_finite(*pending))
-      pending = (step, step_metrics)
-      done = step + 1
-      for hook in hooks:
-        hook(done, state)
-
-      if done % config.train.log_every == 0 or done == num_steps:
-        interval.add(check_finite(*pending))
-        pending = None
-        speed = progress.report(done)
-        scalars = interval.means()  # over the steps since the last log
-        scalars["steps_per_sec"] = speed["steps_per_sec"]
-        writer.write_scalars(done, "train", scalars)
-        _print(f"step {done}/{num_steps} | loss {scalars['loss']:.4f} |"
-               f" {speed['steps_per_sec']:.2f} steps/s |"
-               f" ETA {metrics_lib.format_duration(speed['eta_sec'])}")
-
-      if done % config.ckpt.every_steps == 0 or done == num_steps:
-        if pending is not None:
-          interval.add(check_finite(*pending))
-          pending = None
-        checkpointer.save(done, state)
-      if done % config.train.eval_every == 0 or done == num_steps:
-        final = run_eval(done, state)
-      if done % config.train.sample_every == 0 or done == num_steps:
-        run_samples(done, state)
-    if pending is not None:
-      check_finite(*pending)
-    if start_step >= num_steps:
-      _print(f"Training already finished at step {start_step}; evaluating.")
-      final = run_eval(start_step, state)
-  finally:
-    checkpointer.close()
-    writer.close()
-  return final
+  is_main, num_steps = jax.process_index() == 0, config.train.num_steps
+  os.makedirs(workdir, exist_ok=True)
+  with checkpoint_lib.WorkdirLock(workdir, enabled=is_main):
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.ckpt.max_to_keep)
+    checkpointer.quarantine_leftovers()
+    restored = _restore_for_training(checkpointer, built,
+                                     read_saved_config(workdir), workdir)
+    if is_main:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    start = restored.step if restored else 0
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
+                                      resume_step=start)
+    outputs = _Outputs(built, workdir, eval_source, writer,
+                       (eval_key, sample_key))
+    batches = input_pipeline.train_batches(
+        train_source, config.train.batch_size, config.seed, start, built.mesh)
+    try:
+      if restored:
+        state = restored.state
+        _print(f"Resumed from the checkpoint at step {start} in {workdir}.")
+        final = outputs.catch_up(start, state) or {}
+      else:
+        t0 = time.perf_counter()
+        state = built.init(init_key, input_pipeline.global_batch(
+            train_source, input_pipeline.train_indices(
+                len(train_source), config.train.batch_size, config.seed, 0),
+            built.mesh))
+        _print(f"Initialised {config.model.family} with {built.num_params:,}"
+               f" parameters in {time.perf_counter() - t0:.1f}s on"
+               f" {built.mesh.size} device(s).")
+        final = {}
+      lagged = _LaggedMetrics((restored.host_state if restored else {}).get(
+          "interval"), checkpointer.latest_step)
+      progress = metrics_lib.Progress(start, num_steps)
+      watch = checkpoint_lib.PreemptionWatch(checkpointer)
+      with watch.watching():
+        for step in range(start, num_steps):
+          done = step + 1
+          t0 = time.perf_counter()
+          state, step_metrics = built.train_step(state, next(batches),
+                                                 train_key)
+          lagged.push(done, step_metrics)
+          if step == start:  # report compilation, keep it out of the ETA
+            jax.block_until_ready(step_metrics)
+            _print(f"First step (with compilation) took"
+                   f" {time.perf_counter() - t0:.1f}s.")
+            progress = metrics_lib.Progress(done, num_steps)
+            batches.wait_seconds = 0.0
+          if outputs.due(config.train.log_every, done):
+            lagged.flush()
+            speed = progress.report(done)
+            scalars = lagged.interval.means()
+            scalars["data_wait_fraction"] = batches.wait_seconds / max(
+                speed["seconds"], 1e-9)
+            batches.wait_seconds = 0.0
+            outputs.log(done, scalars, speed)
+          preempted = watch.requested(done)
+          if outputs.due(config.ckpt.every_steps, done) or preempted:
+            lagged.flush()
+            checkpointer.save(done, state,
+                              {"interval": lagged.interval.state()})
+          for hook in hooks:
+            hook(done, state)
+          if preempted:
+            checkpointer.wait()
+            _print(f"Preempted: saved the checkpoint at step {done} and"
+                   " stopped. Run the same command again to continue.")
+            return {}
+          if outputs.due(config.train.eval_every, done):
+            final = outputs.evaluate(done, state.ema_params)
+          if outputs.due(config.train.sample_every, done):
+            outputs.samples(done, state.ema_params)
+        lagged.flush()
+      if start >= num_steps:
+        _print(f"Training already finished at step {start}.")
+        if not final:
+          final = outputs.evaluate(start, state.ema_params)
+    finally:
+      batches.close()
+      checkpointer.close()
+      writer.close()
+  return {k: v for k, v in final.items() if k not in ("step", "split")}
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           step: Optional[int] = None, *,
-                          devices: Optional[Sequence[jax.Device]] = None):
-  """Loads a workdir's checkpoint for evaluation or sampling.
+                          devices: Optional[Sequence[jax.Device]] = None
+                          ) -> tuple[Built, Any, int]:
+  """Loads a workdir's EMA parameters alone for evaluation or sampling.
+
+  Reads only (never creates, moves or deletes anything in ``workdir``);
+  only the EMA parameters are restored (an orbax partial restore), so
+  optimizer settings cannot break it.
 
   Args:
-    config: the config the workdir was trained with (model and optim must
-      match; train and data may differ).
+    config: the workdir's config, possibly with inference-only overrides.
     workdir: the training run's folder.
-    step: the checkpoint step; None for the newest readable one.
+    step: the checkpoint step; None for the newest intact one.
     devices: the devices of the data mesh (default: all).
 
   Returns:
-    (family, ema_params, step, mesh).
+    (built, ema_params, step).
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint (at that step).
+    CheckpointMismatchError: the config builds parameters of another
+      structure than the checkpoint's (e.g. an override of a model size).
   """
-  config_lib.validate(config)
-  family = make_family(config.model)
-  mesh = sharding_lib.make_mesh(devices)
-  replicated = sharding_lib.replicated(mesh)
-  tx, _ = make_optimizer(config.optim, config.train.num_steps)
-  shape = (config.train.eval_batch_size,) + tuple(config.model.image_shape)
-  dummy = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
-           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
-  abstract_state = _abstract(
-      jax.eval_shape(make_init_fn(family, tx), jax.random.PRNGKey(0), dummy),
-      replicated)
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  built = build(config, sharding_lib.make_mesh(devices))
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
-    available = checkpointer.all_steps()
-    if not available:
+    if not checkpointer.all_steps():
       raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}.")
-    if step is None:
-      step, state = checkpointer.restore_latest(abstract_state)
-    elif step not in available:
-      raise FileNotFoundError(
-          f"No checkpoint at step {step} in {checkpointer.directory};"
-          f" available steps: {available}.")
-    else:
-      state = checkpointer.restore(step, abstract_state)
+    try:
+      if step is None:
+        restored = checkpointer.restore_latest(built.abstract_state,
+                                               only="ema_params")
+      else:
+        restored = checkpointer.restore(step, built.abstract_state,
+                                        only="ema_params")
+    except checkpoint_lib.CheckpointMismatchError as e:
+      diff = config_differences(read_saved_config(workdir), config, ["model"])
+      raise checkpoint_lib.CheckpointMismatchError(
+          f"{e} Overridden model keys: {'; '.join(diff) or 'none'}; only keys"
+          " that keep the parameters' shapes can be changed at inference."
+      ) from None
   finally:
     checkpointer.close()
-  return family, state.ema_params, step, mesh
+  return built, restored.state, restored.step
 
 
 def _print(message: str) -> None:

@@ -1,75 +1,108 @@
 """Test NLL of a trained model: a workdir's newest (or chosen) checkpoint.
 
   python scripts/evaluate.py --workdir=/tmp/vae_mnist
-  python scripts/evaluate.py --workdir=/tmp/vae_mnist --k=5000 --step=3000
+  python scripts/evaluate.py --workdir=/tmp/vae_mnist --step=2000 \
+      --config.model.iwae_samples=1000
 
-Uses the workdir's config.json unless --config is given. Reports the mean
-per-example metrics (nll_nats, bpd, ...) over the evaluation split with the
-EMA parameters, and writes them to <workdir>/eval_step_<N>.json.
+Uses the workdir's config.json; ``--config.KEY=VALUE`` overrides
+inference-only keys (IWAE samples, sampler, evaluation timesteps, batch
+size). An override that changes the parameters' shapes is refused. Only the
+EMA parameters are restored, and nothing in the workdir is moved or changed;
+a damaged newest checkpoint is skipped. Reports the mean per-example metrics
+(nll_nats, bpd, ...) and their standard errors over the evaluation split,
+fails (exit 1) if any is not finite, and writes them with the settings that
+produced them to ``<workdir>/eval/step_<N>_<split>_n<examples>_seed<S>[_<h>]
+.json`` (``<h>`` a short hash of the overrides, so runs with different
+settings never overwrite each other).
 """
 
+import hashlib
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from gm_jax import launch
 
-from gm_jax import launch  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (default: <workdir>/config.json).",
-    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_K = flags.DEFINE_integer(
-    "k", None, "Importance samples for models with an importance-weighted"
-    " bound (sets config.model.iwae_samples).")
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", -1, "Evaluate on the first N examples (-1: all).")
 _SPLIT = flags.DEFINE_string("split", None, "Split (default: data.eval_split).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation's randomness.")
+launch.define_config_flag(
+    required=False,
+    help_text="Config file (default: <workdir>/config.json).")
 flags.mark_flags_as_required(["workdir"])
+flags.register_validator("num_examples", lambda n: n == -1 or n > 0,
+                         "--num_examples must be positive, or -1 for all.")
 launch.define_distributed_flags()
+
+
+def _output_path(workdir, step, split, num_examples, seed):
+  overrides = launch.overrides()
+  tag = ""
+  if overrides:
+    text = json.dumps(sorted(overrides))
+    tag = "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+  n = "all" if num_examples < 0 else str(num_examples)
+  return os.path.join(workdir, "eval",
+                      f"step_{step:07d}_{split}_n{n}_seed{seed}{tag}.json")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir = _WORKDIR.value
+  config = launch.load_config(flags.FLAGS.config, workdir)
   launch.initialize_distributed()
-  from gm_jax import data, train  # after jax.distributed
+  import jax  # after jax.distributed
 
-  config = launch.load_config(_CONFIG.value, _WORKDIR.value)
-  config.unlock()
-  if _K.value is not None:
-    if "iwae_samples" not in config.model:
-      raise ValueError(f"--k: the {config.model.family!r} family has no"
-                       " importance-weighted bound (config.model.iwae_samples).")
-    config.model.iwae_samples = _K.value
-    config.model.iwae_chunk = min(config.model.iwae_chunk, _K.value)
+  from gm_jax import data, input_pipeline, train
+
   split = _SPLIT.value or config.data.eval_split
-  config.lock()
-
-  family, params, step, mesh = train.restore_for_inference(
-      config, _WORKDIR.value, _STEP.value)
+  built, params, step = train.restore_for_inference(config, workdir,
+                                                    _STEP.value)
   source = data.load_source(config.data, split)
-  evaluate_fn = jax.jit(family.evaluate)
+  last_print = [time.perf_counter()]
+
+  def progress(done, total, means):
+    now = time.perf_counter()
+    if now - last_print[0] > 10 or done == total:
+      last_print[0] = now
+      shown = ", ".join(f"{k} {v:.4f}" for k, v in means.items()
+                        if k in ("nll_nats", "bpd"))
+      if launch.is_main_process():
+        print(f"  {done}/{total} examples: running {shown}", flush=True)
+
   t0 = time.perf_counter()
   results = train.evaluate_dataset(
-      evaluate_fn, params, source, config.train.eval_batch_size,
-      _NUM_EXAMPLES.value, jax.random.PRNGKey(_SEED.value), mesh)
-  results["eval_seconds"] = time.perf_counter() - t0
+      built.evaluate, params, source, config.train.eval_batch_size,
+      _NUM_EXAMPLES.value, jax.random.PRNGKey(_SEED.value), built.mesh,
+      on_batch=progress)
+  seconds = time.perf_counter() - t0
+  bad = sorted(k for k, v in results.items() if not (abs(v) < float("inf")))
   if launch.is_main_process():
     shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items())
-    print(f"step {step}, split {split!r}: {shown}", flush=True)
-    path = os.path.join(_WORKDIR.value, f"eval_step_{step}.json")
+    print(f"step {step}, split {split!r}: {shown} ({seconds:.1f}s)",
+          flush=True)
+    path = _output_path(workdir, step, split, _NUM_EXAMPLES.value,
+                        _SEED.value)
+    record = {"step": step, "split": split,
+              "num_examples": input_pipeline.num_eval_examples(
+                  source, _NUM_EXAMPLES.value),
+              "seed": _SEED.value, "overrides": dict(launch.overrides()),
+              "model": json.loads(config.model.to_json_best_effort()),
+              "eval_seconds": seconds, **results}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-      json.dump({"step": step, "split": split, **results}, f, indent=2)
+      json.dump(record, f, indent=2)
     print(f"Wrote {path}")
+  if bad:
+    raise FloatingPointError(
+        f"Non-finite evaluation metrics {bad} at step {step}: the checkpoint"
+        " holds a diverged model.")
 
 
 if __name__ == "__main__":

@@ -1,35 +1,33 @@
 """Samples from a trained model into PNG grids.
 
   python scripts/sample.py --workdir=/tmp/vae_mnist --num=64 --out=/tmp/s.png
+  python scripts/sample.py --workdir=/tmp/ddpm --config.model.sampler=ddim \
+      --config.model.sample_steps=50
 
 Writes the samples (EMA parameters) to --out, and next to it every extra
 picture the family offers (for the VAE: <out>_reconstruction.png and
-<out>_interpolation.png, from test images). Sampling settings of the model
-config can be overridden with --config=<file> --config.model.KEY=VALUE.
+<out>_interpolation.png, from test images). Uses the workdir's config.json;
+``--config.KEY=VALUE`` overrides sampling settings (an override that changes
+the parameters' shapes is refused). Only the EMA parameters are restored;
+nothing in the workdir is moved.
 """
 
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from gm_jax import launch
 
-from gm_jax import launch  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (default: <workdir>/config.json).",
-    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
+_NUM = flags.DEFINE_integer("num", 64, "Number of samples (> 0).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "PNG path (default:"
                            " <workdir>/samples/sampled_step_<N>.png).")
+launch.define_config_flag(
+    required=False,
+    help_text="Config file (default: <workdir>/config.json).")
 flags.mark_flags_as_required(["workdir"])
 launch.define_distributed_flags()
 
@@ -37,26 +35,28 @@ launch.define_distributed_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = launch.load_config(flags.FLAGS.config, _WORKDIR.value)
   launch.initialize_distributed()
-  from gm_jax import data, metrics, sharding, train
+  import jax  # after jax.distributed
+  import numpy as np
 
-  config = launch.load_config(_CONFIG.value, _WORKDIR.value)
-  family, params, step, mesh = train.restore_for_inference(
-      config, _WORKDIR.value, _STEP.value)
+  from gm_jax import data, input_pipeline, metrics, train
+
+  built, params, step = train.restore_for_inference(config, _WORKDIR.value,
+                                                    _STEP.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples",
                                    f"sampled_step_{step:07d}.png")
   key = jax.random.PRNGKey(_SEED.value)
   t0 = time.perf_counter()
-  images = jax.jit(family.sample, static_argnums=2)(params, key, _NUM.value)
-  images = np.asarray(jax.device_get(images))
+  images = np.asarray(jax.device_get(built.sample(params, key, _NUM.value)))
   seconds = time.perf_counter() - t0
   pictures = {"": images}
-  if family.visualize is not None:
+  if built.visualize is not None:
     source = data.load_source(config.data, config.data.eval_split)
     size = config.train.eval_batch_size
-    batch = sharding.global_batch(source, np.arange(size) % len(source),
-                                  mesh)
-    extra = jax.jit(family.visualize)(params, batch, key)
+    batch = input_pipeline.global_batch(
+        source, np.arange(size) % len(source), built.mesh)
+    extra = built.visualize(params, batch, key)
     pictures.update({f"_{k}": np.asarray(jax.device_get(v))
                      for k, v in extra.items()})
   if launch.is_main_process():

@@ -8,14 +8,13 @@ from gm_jax import data, train
 
 
 def assert_workdir_serves_scripts(config, workdir, num_examples=8):
-  family, params, step, mesh = train.restore_for_inference(config, workdir)
+  built, params, step = train.restore_for_inference(config, workdir)
   assert step == config.train.num_steps
   source = data.load_source(config.data, config.data.eval_split)
   results = train.evaluate_dataset(
-      jax.jit(family.evaluate), params, source, config.train.eval_batch_size,
-      num_examples, jax.random.PRNGKey(0), mesh)
+      built.evaluate, params, source, config.train.eval_batch_size,
+      num_examples, jax.random.PRNGKey(0), built.mesh)
   assert np.isfinite(results["nll_nats"]) and results["bpd"] > 0
-  images = jax.jit(family.sample, static_argnums=2)(params,
-                                                    jax.random.PRNGKey(1), 2)
+  images = built.sample(params, jax.random.PRNGKey(1), 2)
   assert images.shape == (2,) + tuple(config.model.image_shape)
   assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0

@@ -1,4 +1,5 @@
-"""The trainer: outputs, sharding invariance, resume, corruption, errors."""
+"""The trainer: outputs, sharding invariance, faults (kills, corruption,
+SIGTERM, a second trainer), mismatching configs and errors."""
 
 import json
 import os
@@ -13,17 +14,14 @@ import numpy as np
 import pytest
 
 from gm_jax import checkpoint as checkpoint_lib
-from gm_jax import families, metrics, train
+from gm_jax import config_lib, families, input_pipeline, metrics, train
 from gm_jax.family import Family
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from configs import vae_mnist  # noqa: E402
 
 
-def smoke_config(num_steps=6, **train_overrides):
-  config = vae_mnist.get_config("smoke")
+def smoke_config(num_steps=6, ckpt_every=2, **train_overrides):
+  config = config_lib.load("configs/vae_mnist.py:smoke")
   config.unlock()
   config.model.architecture = "mlp"  # compiles faster than the conv net
   config.train.num_steps = num_steps
@@ -31,28 +29,56 @@ def smoke_config(num_steps=6, **train_overrides):
   config.train.eval_every = 1000
   config.train.sample_every = 1000
   config.train.compilation_cache_dir = ""
-  config.ckpt.every_steps = 2
+  config.ckpt.every_steps = ckpt_every
   for k, v in train_overrides.items():
     config.train[k] = v
   config.lock()
   return config
 
 
-def final_params(workdir, config):
-  """Restores the newest checkpoint's params as NumPy arrays."""
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  step = ckpt.latest_step()
-  state = ckpt._manager.restore(step)  # untyped restore: plain arrays
-  ckpt.close()
-  return step, jax.tree_util.tree_map(np.asarray, state["params"])
+# Checkpoints every 3 steps, logs every 2: a resume lands inside a logging
+# interval; evaluations and sample grids at checkpointed steps.
+FAULT_CONFIG = dict(num_steps=8, ckpt_every=3, log_every=2, eval_every=3,
+                    sample_every=3)
+
+
+def final_params(workdir, config=None):
+  """The newest checkpoint's step and params (NumPy)."""
+  abstract = train.build(config or smoke_config()).abstract_state
+  restored = checkpoint_lib.Checkpointer(workdir, read_only=True
+                                         ).restore_latest(abstract,
+                                                          only="params")
+  return restored.step, jax.tree_util.tree_map(np.asarray, restored.state)
 
 
 def assert_trees_equal(a, b):
   leaves_a, tree_a = jax.tree_util.tree_flatten(a)
   leaves_b, tree_b = jax.tree_util.tree_flatten(b)
   assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b, strict=False):
+  for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def recorded(workdir):
+  """metrics.jsonl without wall-clock figures, in order."""
+  return [{k: v for k, v in r.items() if k not in metrics.TIMING_KEYS}
+          for r in metrics.read_metrics(workdir)]
+
+
+def sample_files(workdir):
+  folder = os.path.join(workdir, "samples")
+  return {name: open(os.path.join(folder, name), "rb").read()
+          for name in sorted(os.listdir(folder))}
+
+
+def assert_same_run(workdir, reference):
+  """Parameters, metric records and sample grids all identical."""
+  step, params = final_params(workdir)
+  ref_step, ref_params = final_params(reference)
+  assert step == ref_step
+  assert_trees_equal(params, ref_params)
+  assert recorded(workdir) == recorded(reference)
+  assert sample_files(workdir) == sample_files(reference)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +90,23 @@ def reference_run(tmp_path_factory):
   return workdir, config, results
 
 
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory):
+  """The uninterrupted run that the fault-injection tests must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("fault_reference"))
+  train.train_and_evaluate(smoke_config(**FAULT_CONFIG), workdir)
+  return workdir
+
+
 def test_outputs_of_a_run(reference_run):
   workdir, config, results = reference_run
-  assert {"nll_nats", "bpd", "neg_elbo_nats"} <= set(results)
-  assert np.isfinite(results["nll_nats"])
+  assert {"nll_nats", "bpd", "neg_elbo_nats", "nll_nats_stderr"} <= set(
+      results)
+  assert np.isfinite(results["nll_nats"]) and results["nll_nats_stderr"] > 0
   records = metrics.read_metrics(workdir, "train")
   assert [r["step"] for r in records] == list(range(1, 7))
   assert all(np.isfinite(r["loss"]) for r in records)
+  assert all(0 <= r["data_wait_fraction"] <= 1 for r in records)
   assert metrics.read_metrics(workdir, "eval")[-1]["step"] == 6
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["model"]["family"] == "vae"
@@ -79,6 +115,7 @@ def test_outputs_of_a_run(reference_run):
                   "step_0000006_reconstruction.png"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2, 4, 6]
+  assert not os.path.exists(os.path.join(workdir, checkpoint_lib.LOCK_FILE))
 
 
 def test_one_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
@@ -97,44 +134,112 @@ def test_one_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
   assert losses8[0] != losses8[-1]  # it trained
 
 
+# A trainer in a child process that SIGKILLs itself at one step: "now" right
+# after that step's checkpoint is dispatched (so a save is in flight), or
+# "committed" once that checkpoint is on disk but before the step's
+# evaluation and samples are written.
 _KILL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
+    import os, signal, sys, time
+    import jax
+    jax.config.update("jax_compilation_cache_dir", {cache!r})
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from tests.test_train import smoke_config
     from gm_jax import train
 
     def kill_at(step, state):
-      if step == {kill_step}:
-        os.kill(os.getpid(), signal.SIGKILL)
+      if step != {kill_step}:
+        return
+      if {mode!r} == "committed":
+        marker = os.path.join({workdir!r}, "checkpoints", str(step),
+                              "commit_success.txt")
+        deadline = time.time() + 60
+        while not os.path.exists(marker) and time.time() < deadline:
+          time.sleep(0.05)
+      os.kill(os.getpid(), signal.SIGKILL)
 
-    train.train_and_evaluate(smoke_config(), {workdir!r}, hooks=[kill_at])
+    train.train_and_evaluate(smoke_config(**{config!r}), {workdir!r},
+                             hooks=[kill_at])
 """)
 
 
-def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
-  ref_dir, config, _ = reference_run
-  workdir = str(tmp_path)
-  script = _KILL_SCRIPT.format(repo=REPO, kill_step=5, workdir=workdir)
+def run_and_kill(workdir, kill_step, mode="now", config=None):
+  script = _KILL_SCRIPT.format(
+      cache=jax.config.jax_compilation_cache_dir, kill_step=kill_step,
+      mode=mode, workdir=workdir, config=config or FAULT_CONFIG)
+  env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, cwd=REPO, env=env)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  steps = checkpoint_lib.Checkpointer(workdir).all_steps()
-  assert steps and max(steps) < 6
-  train.train_and_evaluate(config, workdir)
-  ref_step, ref_params = final_params(ref_dir, config)
-  step, params = final_params(workdir, config)
-  assert step == ref_step == 6
-  assert_trees_equal(params, ref_params)
+  return proc
+
+
+def test_killed_runs_resume_identically(fault_reference, tmp_path, capsys):
+  """SIGKILL during a save, mid-interval, and between a committed save and
+  its evaluation: after each restart the run ends with the parameters, the
+  metrics.jsonl records and the sample grids of an uninterrupted run (a
+  killed run's LOCK is taken over each time)."""
+  workdir = str(tmp_path)
+  run_and_kill(workdir, 3, "now")
+  run_and_kill(workdir, 5, "now")
+  run_and_kill(workdir, 6, "committed")
+  assert checkpoint_lib.Checkpointer(workdir).latest_step() == 6
+  assert not any(r["step"] == 6 and r["split"] == "eval"
+                 for r in metrics.read_metrics(workdir))
+  capsys.readouterr()
+  train.train_and_evaluate(smoke_config(**FAULT_CONFIG), workdir)
+  out = capsys.readouterr().out
+  assert "stale lock" in out and "Resumed from the checkpoint at step 6" in out
+  assert "[eval] step 6" in out and "[samples] step 6" in out
+  assert_same_run(workdir, fault_reference)
+
+
+@pytest.mark.slow
+def test_soak_many_kills(fault_reference, tmp_path):
+  """At least 10 SIGKILLs at random steps, half of them during saves."""
+  workdir = str(tmp_path)
+  rng = np.random.default_rng(1)
+  kills = 0
+  while kills < 12:
+    latest = checkpoint_lib.Checkpointer(workdir).latest_step() or 0
+    step = int(rng.integers(latest + 1, FAULT_CONFIG["num_steps"] + 1))
+    run_and_kill(workdir, step, ["now", "committed"][kills % 2])
+    kills += 1
+  train.train_and_evaluate(smoke_config(**FAULT_CONFIG), workdir)
+  assert_same_run(workdir, fault_reference)
+
+
+def test_sigterm_saves_and_resumes_identically(fault_reference, tmp_path,
+                                               capsys):
+  workdir = str(tmp_path)
+  handler = signal.getsignal(signal.SIGTERM)
+
+  def preempt_after_4(step, state):
+    if step == 4:  # noticed at the end of the next step
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  assert train.train_and_evaluate(smoke_config(**FAULT_CONFIG), workdir,
+                                  hooks=[preempt_after_4]) == {}
+  assert "Preempted: saved the checkpoint at step 5" in capsys.readouterr().out
+  assert checkpoint_lib.Checkpointer(workdir).all_steps() == [3, 5]
+  assert signal.getsignal(signal.SIGTERM) == handler  # restored
+  train.train_and_evaluate(smoke_config(**FAULT_CONFIG), workdir)
+  assert_same_run(workdir, fault_reference)
+
+
+def test_a_second_trainer_is_refused(tmp_path):
+  with checkpoint_lib.WorkdirLock(str(tmp_path)):
+    with pytest.raises(checkpoint_lib.WorkdirLockedError, match="in use by"):
+      train.train_and_evaluate(smoke_config(), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def _corrupt(step_dir):
-  """Truncates every data file of an orbax checkpoint."""
-  for root, _, files in os.walk(step_dir):
+  """Truncates every array data file of a checkpoint."""
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for name in files:
-      if "_METADATA" in name or name.endswith(".txt"):
-        continue
-      with open(os.path.join(root, name), "r+b") as f:
-        f.truncate(max(os.path.getsize(f.name) // 3, 1))
+      if os.sep + "d" in root:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(os.path.getsize(f.name) // 3, 1))
 
 
 def test_corrupted_latest_checkpoint_falls_back(reference_run, tmp_path,
@@ -146,22 +251,25 @@ def test_corrupted_latest_checkpoint_falls_back(reference_run, tmp_path,
   capsys.readouterr()
   train.train_and_evaluate(smoke_config(num_steps=6), workdir)
   out = capsys.readouterr().out
-  assert "Checkpoint at step 4" in out and "could not be restored" in out
+  assert "checkpoint at step 4" in out and "is damaged" in out
   assert "Resumed from the checkpoint at step 2" in out
-  assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
-  _, params = final_params(workdir, None)
-  _, ref_params = final_params(ref_dir, None)
+  assert len(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == 1
+  _, params = final_params(workdir)
+  _, ref_params = final_params(ref_dir)
   assert_trees_equal(params, ref_params)
+  assert recorded(workdir) == recorded(ref_dir)
 
 
-def test_all_checkpoints_corrupted_is_an_error(tmp_path):
+def test_all_checkpoints_corrupted_never_starts_over(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_steps=2), workdir)
   _corrupt(os.path.join(workdir, "checkpoints", "2"))
-  with pytest.raises(checkpoint_lib.CheckpointError,
-                     match="None of the checkpoints"):
-    train.train_and_evaluate(smoke_config(num_steps=4), workdir)
+  for _ in range(2):  # also on the next attempt, after the quarantine
+    with pytest.raises(checkpoint_lib.CheckpointError,
+                       match="None of the checkpoints|refusing to start over"):
+      train.train_and_evaluate(smoke_config(num_steps=4), workdir)
   assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+  assert [r["step"] for r in metrics.read_metrics(workdir, "train")] == [1, 2]
 
 
 def _nan_family(model_config):
@@ -179,7 +287,9 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path, monkeypatch):
   config = smoke_config(num_steps=8, log_every=100)
   config.unlock()
   config.model.family = "nan_vae"
-  with pytest.raises(train.NonFiniteError, match="at step 3"):
+  with pytest.raises(train.NonFiniteError,
+                     match=r"at step 4 \(the update from step 3\).*latest"
+                     r" checkpoint is at step 2"):
     train.train_and_evaluate(config, str(tmp_path))
   steps = checkpoint_lib.Checkpointer(str(tmp_path)).all_steps()
   assert steps == [2]
@@ -208,19 +318,38 @@ def test_resuming_with_another_model_is_refused(reference_run, tmp_path):
   config = smoke_config(num_steps=4)
   config.unlock()
   config.model.latent_dim = 5
-  with pytest.raises(ValueError, match=r"different model.*latent_dim"):
+  with pytest.raises(ValueError, match=r"different model.*latent_dim: 4 -> 5"):
     train.train_and_evaluate(config, workdir)
   assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2]
 
 
+def test_resuming_with_another_optimizer_structure_moves_nothing(tmp_path):
+  """Turning gradient clipping off changes the optimizer state's structure:
+  a one-line error naming the key; checkpoints, config.json and metrics
+  untouched."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(num_steps=2), workdir)
+  before = open(os.path.join(workdir, "config.json")).read()
+  config = smoke_config(num_steps=4)
+  config.unlock()
+  config.optim.grad_clip = 0.0
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"optim.grad_clip: 100.0 -> 0.0.*Nothing was moved"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2]
+  assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+  assert open(os.path.join(workdir, "config.json")).read() == before
+  train.train_and_evaluate(smoke_config(num_steps=4), workdir)  # still fine
+
+
 def test_train_indices_are_deterministic_epoch_permutations():
-  a = [train.train_indices(10, 3, 0, s) for s in range(6)]
-  b = [train.train_indices(10, 3, 0, s) for s in range(6)]
+  a = [input_pipeline.train_indices(10, 3, 0, s) for s in range(6)]
+  b = [input_pipeline.train_indices(10, 3, 0, s) for s in range(6)]
   assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
   epoch0 = np.concatenate(a[:3])
   assert len(set(epoch0)) == 9  # no repeats within an epoch
   assert not np.array_equal(np.concatenate(a[3:]), epoch0)
-  c = train.train_indices(10, 3, 1, 0)
+  c = input_pipeline.train_indices(10, 3, 1, 0)
   assert not np.array_equal(a[0], c)
 
 
@@ -229,13 +358,13 @@ def test_schedules():
   optim = config.optim
   optim.unlock()
   optim.update(learning_rate=1.0, warmup_steps=10, schedule="cosine")
-  schedule = train.make_schedule(optim, 110)
+  schedule = train.learning_rate_schedule(optim, 110)
   np.testing.assert_allclose(
       [schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
       [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
   optim.update(warmup_steps=0, schedule="piecewise",
                piecewise_boundaries=(3, 6), piecewise_factor=0.5)
-  schedule = train.make_schedule(optim, 10)
+  schedule = train.learning_rate_schedule(optim, 10)
   np.testing.assert_allclose([schedule(2), schedule(4), schedule(7)],
                              [1.0, 0.5, 0.25])
 
