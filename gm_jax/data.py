@@ -493,12 +493,15 @@ def folder_source(path: str, split: str, image_size: int = 0,
   mode = "L" if grayscale else "RGB"
   images = []
   for file, _ in files:
-    with Image.open(file) as image:
-      image = image.convert(mode)
-      if image_size > 0:
-        image = image.resize((image_size, image_size),
-                             Image.Resampling.BICUBIC)
-      array = np.asarray(image, dtype=np.uint8)
+    try:
+      with Image.open(file) as image:
+        image = image.convert(mode)
+        if image_size > 0:
+          image = image.resize((image_size, image_size),
+                               Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError) as e:  # truncated or not an image
+      raise ValueError(f"Cannot read the image {str(file)!r}: {e}") from None
     if array.ndim == 2:
       array = array[..., None]  # [H, W] -> [H, W, 1]
     if images and array.shape != images[0].shape:

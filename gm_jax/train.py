@@ -453,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_source, eval_source = input_pipeline.load_sources(config)
   init_key, train_key, eval_key, sample_key = jax.random.split(
       jax.random.PRNGKey(config.seed), 4)
-  is_main, num_steps = jax.process_index() == 0, config.train.num_steps
+  is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   with checkpoint_lib.WorkdirLock(workdir, enabled=is_main):
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.ckpt.max_to_keep)
@@ -466,6 +466,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = restored.step if restored else 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
                                       resume_step=start)
+    if writer.dropped_records:
+      _print(f"Dropped {writer.dropped_records} records after step {start}"
+             " from metrics.jsonl: those steps run again.")
     outputs = _Outputs(built, workdir, eval_source, writer,
                        (eval_key, sample_key))
     batches = input_pipeline.train_batches(
@@ -487,55 +490,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         final = {}
       lagged = _LaggedMetrics((restored.host_state if restored else {}).get(
           "interval"), checkpointer.latest_step)
-      progress = metrics_lib.Progress(start, num_steps)
-      watch = checkpoint_lib.PreemptionWatch(checkpointer)
-      with watch.watching():
-        for step in range(start, num_steps):
-          done = step + 1
-          t0 = time.perf_counter()
-          state, step_metrics = built.train_step(state, next(batches),
-                                                 train_key)
-          lagged.push(done, step_metrics)
-          if step == start:  # report compilation, keep it out of the ETA
-            jax.block_until_ready(step_metrics)
-            _print(f"First step (with compilation) took"
-                   f" {time.perf_counter() - t0:.1f}s.")
-            progress = metrics_lib.Progress(done, num_steps)
-            batches.wait_seconds = 0.0
-          if outputs.due(config.train.log_every, done):
-            lagged.flush()
-            speed = progress.report(done)
-            scalars = lagged.interval.means()
-            scalars["data_wait_fraction"] = batches.wait_seconds / max(
-                speed["seconds"], 1e-9)
-            batches.wait_seconds = 0.0
-            outputs.log(done, scalars, speed)
-          preempted = watch.requested(done)
-          if outputs.due(config.ckpt.every_steps, done) or preempted:
-            lagged.flush()
-            checkpointer.save(done, state,
-                              {"interval": lagged.interval.state()})
-          for hook in hooks:
-            hook(done, state)
-          if preempted:
-            checkpointer.wait()
-            _print(f"Preempted: saved the checkpoint at step {done} and"
-                   " stopped. Run the same command again to continue.")
-            return {}
-          if outputs.due(config.train.eval_every, done):
-            final = outputs.evaluate(done, state.ema_params)
-          if outputs.due(config.train.sample_every, done):
-            outputs.samples(done, state.ema_params)
-        lagged.flush()
-      if start >= num_steps:
-        _print(f"Training already finished at step {start}.")
-        if not final:
-          final = outputs.evaluate(start, state.ema_params)
+      final = _train_loop(built, state, start, batches, train_key, lagged,
+                          checkpointer, outputs, hooks, final)
     finally:
       batches.close()
       checkpointer.close()
       writer.close()
   return {k: v for k, v in final.items() if k not in ("step", "split")}
+
+
+def _train_loop(built: Built, state: TrainState, start: int, batches,
+                train_key, lagged: _LaggedMetrics, checkpointer,
+                outputs: _Outputs, hooks: Sequence[Hook], final: dict) -> dict:
+  """Steps ``start + 1 .. num_steps`` with their logs, checkpoints, hooks,
+  evaluations and samples, in that order; stops after saving on SIGTERM."""
+  config = built.config
+  num_steps = config.train.num_steps
+  progress = metrics_lib.Progress(start, num_steps)
+  watch = checkpoint_lib.PreemptionWatch(checkpointer)
+  with watch.watching():
+    for step in range(start, num_steps):
+      done = step + 1
+      t0 = time.perf_counter()
+      state, step_metrics = built.train_step(state, next(batches), train_key)
+      lagged.push(done, step_metrics)
+      if step == start:  # report compilation, keep it out of the ETA
+        jax.block_until_ready(step_metrics)
+        _print(f"First step (with compilation) took"
+               f" {time.perf_counter() - t0:.1f}s.")
+        progress = metrics_lib.Progress(done, num_steps)
+        batches.wait_seconds = 0.0
+      if outputs.due(config.train.log_every, done):
+        lagged.flush()
+        speed = progress.report(done)
+        scalars = lagged.interval.means()
+        scalars["data_wait_fraction"] = batches.wait_seconds / speed["seconds"]
+        batches.wait_seconds = 0.0
+        outputs.log(done, scalars, speed)
+      preempted = watch.requested(done)
+      if outputs.due(config.ckpt.every_steps, done) or preempted:
+        lagged.flush()  # never save a state after a non-finite step
+        checkpointer.save(done, state, {"interval": lagged.interval.state()})
+      for hook in hooks:
+        hook(done, state)
+      if preempted:
+        checkpointer.wait()
+        _print(f"Preempted: saved the checkpoint at step {done} and"
+               " stopped. Run the same command again to continue.")
+        return {}
+      if outputs.due(config.train.eval_every, done):
+        final = outputs.evaluate(done, state.ema_params)
+      if outputs.due(config.train.sample_every, done):
+        outputs.samples(done, state.ema_params)
+  lagged.flush()
+  if start >= num_steps:
+    _print(f"Training already finished at step {start}.")
+    if not final:
+      final = outputs.evaluate(start, state.ema_params)
+  return final
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,

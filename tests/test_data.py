@@ -397,6 +397,16 @@ def test_folder_mismatched_shapes(tmp_path):
                      "train")
 
 
+def test_folder_truncated_image_is_named(tmp_path):
+  _write(tmp_path / "train" / "good.png", np.zeros((4, 4, 3), np.uint8))
+  bad = tmp_path / "train" / "bad.png"
+  _write(bad, np.full((16, 16, 3), 7, np.uint8))
+  bad.write_bytes(bad.read_bytes()[:40])
+  with pytest.raises(ValueError, match=r"Cannot read the image .*bad.png"):
+    data.load_source(_data_config(source="folder", path=str(tmp_path)),
+                     "train")
+
+
 def test_folder_missing_or_empty(tmp_path):
   config = _data_config(source="folder", path=str(tmp_path))
   with pytest.raises(FileNotFoundError,
