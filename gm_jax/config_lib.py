@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.image_size = 0  # folder source: resize to this square size; 0 keeps
   config.data.grayscale = False  # folder source: convert to one channel
   config.data.cache_in_memory = True  # read a tfds split into RAM once
+  # Training-time augmentation, a pure function of (seed, step, row): see
+  # gm_jax.input_pipeline.Augment.
+  config.data.random_flip = False  # mirror left-right with probability 1/2
+  config.data.random_shift = 0  # max integer shift in pixels (reflect pad)
 
   config.model = ml_collections.ConfigDict()
   config.model.family = ""
@@ -178,6 +182,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.train[key] > 0, f"train.{key}={config.train[key]} must be > 0.")
   need(config.ckpt.every_steps > 0,
        f"ckpt.every_steps={config.ckpt.every_steps} must be > 0.")
+  need(0 <= config.data.random_shift < min(tuple(config.model.image_shape)[:2]),
+       f"data.random_shift={config.data.random_shift} must be >= 0 and"
+       " smaller than the image.")
   need(len(tuple(config.model.image_shape)) == 3,
        f"model.image_shape={tuple(config.model.image_shape)} must be"
        " (H, W, C).")

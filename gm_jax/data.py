@@ -205,7 +205,7 @@ def _embedded_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
   """The SplitMix64 finaliser: a fixed bijective scramble of uint64 [n]."""
   x = x.astype(np.uint64)  # array arithmetic wraps modulo 2^64
   x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -230,13 +230,13 @@ def embedded_split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     train, test: int64 row indices, disjoint, together all N rows.
   """
   rows = np.arange(len(labels), dtype=np.uint64)
-  keys = _splitmix64(rows ^ np.uint64(_EMBEDDED_SPLIT_SEED))
+  keys = splitmix64(rows ^ np.uint64(_EMBEDDED_SPLIT_SEED))
   is_test = np.zeros(len(labels), dtype=bool)
   for label in np.unique(labels):
     members = np.flatnonzero(labels == label)
     chosen = members[np.argsort(keys[members], kind="stable")]
     is_test[chosen[:_EMBEDDED_TEST_PER_CLASS]] = True
-  order = np.argsort(_splitmix64(keys), kind="stable")
+  order = np.argsort(splitmix64(keys), kind="stable")
   return order[~is_test[order]], order[is_test[order]]
 
 

@@ -14,6 +14,11 @@ examples) and the jitted step lives here:
   ``sharding.host_to_global`` stitches them into one global array.
 * **Prefetch.** A background thread prepares the next batches while the
   device computes (``train_batches``).
+* **Augmentation** (training only): random horizontal flips and integer
+  shifts (reflect-padded), drawn from a hash of (seed, step, row of the
+  global batch), so they are a pure function of the step like the order:
+  resume stays bit-identical and every process augments its own rows exactly
+  as a single process would.
 * **Evaluation.** ``eval_batches`` covers the first N test examples with
   fixed-size batches, the last one padded by repetition, and says how many
   rows of each are real.
@@ -35,7 +40,7 @@ import functools
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -62,13 +67,72 @@ def train_indices(num_examples: int, batch_size: int, seed: int,
   return permutation[position * batch_size:(position + 1) * batch_size]
 
 
+class Augment(NamedTuple):
+  """Training-time augmentation (config.data.random_flip / random_shift).
+
+  Attributes:
+    flip: mirror each image left-right with probability 1/2.
+    max_shift: shift each image by integers dy, dx uniform in
+      [-max_shift, max_shift] (0 disables), filling the border by
+      reflection.
+    seed: the run's seed.
+  """
+
+  flip: bool = False
+  max_shift: int = 0
+  seed: int = 0
+
+  @property
+  def active(self) -> bool:
+    return self.flip or self.max_shift > 0
+
+  @classmethod
+  def from_config(cls, config) -> Augment:
+    return cls(flip=bool(config.data.random_flip),
+               max_shift=int(config.data.random_shift), seed=int(config.seed))
+
+  def __call__(self, images: np.ndarray, step: int,
+               rows: np.ndarray) -> np.ndarray:
+    """Augments uint8 [n, H, W, C] images that sit at ``rows`` of the global
+    batch of ``step``; a pure function of (seed, step, row)."""
+    if not self.active:
+      return images
+    bits = _row_hash(self.seed, step, rows)  # uint64 [n]
+    out = np.array(images)
+    if self.max_shift > 0:
+      s = self.max_shift
+      span = np.uint64(2 * s + 1)
+      dy = (bits % span).astype(np.int64) - s
+      dx = ((bits >> np.uint64(16)) % span).astype(np.int64) - s
+      padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode="reflect")
+      h, w = images.shape[1:3]
+      for i in range(len(out)):
+        out[i] = padded[i, s - dy[i]:s - dy[i] + h, s - dx[i]:s - dx[i] + w]
+    if self.flip:
+      flip = ((bits >> np.uint64(40)) & np.uint64(1)).astype(bool)
+      out[flip] = out[flip, :, ::-1]
+    return out
+
+
+def _row_hash(seed: int, step: int, rows: np.ndarray) -> np.ndarray:
+  """64 well-mixed bits per (seed, step, row)."""
+  mix = data_lib.splitmix64  # arrays wrap modulo 2^64 silently; scalars warn
+  key = mix(mix(np.array([seed], np.uint64) ^ np.uint64(0xA5A50F0F12345678))
+            ^ np.uint64(step))
+  return mix(key ^ np.asarray(rows, np.uint64))
+
+
 def global_batch(source: data_lib.ImageSource, indices: np.ndarray,
-                 mesh: Mesh) -> dict[str, jax.Array]:
-  """The global batch of examples ``indices``; this process reads only the
-  rows its own devices hold."""
+                 mesh: Mesh, augment: Optional[Augment] = None,
+                 step: int = 0) -> dict[str, jax.Array]:
+  """The global batch of examples ``indices``; this process reads (and
+  augments) only the rows its own devices hold."""
   rows = sharding_lib.local_rows(len(indices), mesh)
-  return sharding_lib.host_to_global(source.get(np.asarray(indices)[rows]),
-                                     mesh)
+  local = source.get(np.asarray(indices)[rows])
+  if augment is not None and augment.active:
+    positions = np.arange(len(indices))[rows]
+    local["image"] = augment(local["image"], step, positions)
+  return sharding_lib.host_to_global(local, mesh)
 
 
 class Prefetcher:
@@ -121,7 +185,7 @@ class Prefetcher:
 
 
 def train_batches(source: data_lib.ImageSource, batch_size: int, seed: int,
-                  start_step: int, mesh: Mesh,
+                  start_step: int, mesh: Mesh, augment: Optional[Augment] = None,
                   prefetch: int = 2) -> Prefetcher:
   """Global batches for steps start_step, start_step + 1, ..., prepared in a
   background thread. Close it when done."""
@@ -130,7 +194,8 @@ def train_batches(source: data_lib.ImageSource, batch_size: int, seed: int,
     step = start_step
     while True:
       yield global_batch(
-          source, train_indices(len(source), batch_size, seed, step), mesh)
+          source, train_indices(len(source), batch_size, seed, step), mesh,
+          augment, step)
       step += 1
 
   return Prefetcher(batches(), prefetch)

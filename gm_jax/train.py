@@ -472,7 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     outputs = _Outputs(built, workdir, eval_source, writer,
                        (eval_key, sample_key))
     batches = input_pipeline.train_batches(
-        train_source, config.train.batch_size, config.seed, start, built.mesh)
+        train_source, config.train.batch_size, config.seed, start, built.mesh,
+        input_pipeline.Augment.from_config(config))
     try:
       if restored:
         state = restored.state
