@@ -24,7 +24,8 @@ from typing import Iterable, Optional
 import ml_collections
 
 SCHEDULES = ("constant", "cosine", "exponential", "piecewise")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "adamax")
+EVAL_PARAMS = ("ema", "params")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.image_shape = (28, 28, 1)
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.name = "adam"  # adam | adamw
+  config.optim.name = "adam"  # adam | adamw | adamax
   config.optim.learning_rate = 1e-3
   config.optim.schedule = "constant"  # constant|cosine|exponential|piecewise
   config.optim.warmup_steps = 0
@@ -66,6 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.eps = 1e-8
   config.optim.weight_decay = 0.0
   config.optim.grad_clip = 0.0  # global-norm clip; 0 disables
+  # A penalty l2_penalty / 2 * sum(w^2) over the weight matrices and kernels
+  # (parameters with 2 or more dims) added to the loss: the classic L2
+  # regulariser, unlike adamw's decoupled weight_decay.
+  config.optim.l2_penalty = 0.0
+  # Split each step's global batch into this many micro-batches whose
+  # gradients are averaged before one update (for batches the devices cannot
+  # hold at once); a step is still one update of train.batch_size examples.
+  config.optim.grad_accumulation = 1
   # EMA of the parameters, used for evaluation and samples; the decay warms up
   # as min(ema_decay, (1 + step) / (10 + step)). 0: EMA params = params.
   config.optim.ema_decay = 0.999
@@ -79,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 2_000
   config.train.sample_every = 2_000
   config.train.num_samples = 64
+  # Parameters used for evaluation, samples and inference: the EMA (Polyak
+  # average) or the raw parameters.
+  config.train.eval_params = "ema"
   config.train.compilation_cache_dir = "~/.cache/gm_jax/jax_compilation_cache"
 
   config.ckpt = ml_collections.ConfigDict()
@@ -171,6 +183,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.optim.schedule in SCHEDULES,
        f"optim.schedule={config.optim.schedule!r}, expected one of"
        f" {SCHEDULES}.")
+  need(config.train.eval_params in EVAL_PARAMS,
+       f"train.eval_params={config.train.eval_params!r}, expected one of"
+       f" {EVAL_PARAMS}.")
+  need(config.optim.l2_penalty >= 0,
+       f"optim.l2_penalty={config.optim.l2_penalty} must be >= 0.")
+  need(config.optim.grad_accumulation >= 1
+       and config.train.batch_size % config.optim.grad_accumulation == 0,
+       f"optim.grad_accumulation={config.optim.grad_accumulation} must be"
+       f" >= 1 and divide train.batch_size={config.train.batch_size}.")
   need(config.optim.learning_rate > 0,
        f"optim.learning_rate={config.optim.learning_rate} must be positive.")
   need(0.0 <= config.optim.ema_decay < 1.0,

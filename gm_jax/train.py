@@ -82,12 +82,18 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict,
 def make_optimizer(optim: ml_collections.ConfigDict,
                    num_steps: int) -> tuple[optax.GradientTransformation,
                                             optax.Schedule]:
-  """Clipping, Adam(W) and the schedule, as one optax transformation."""
+  """Clipping, Adam / AdamW / Adamax and the schedule, as one optax
+  transformation."""
   schedule = learning_rate_schedule(optim, num_steps)
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
-  parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
+  if optim.name == "adamax":
+    parts.append(optax.scale_by_adamax(b1=optim.b1, b2=optim.b2,
+                                       eps=optim.eps))
+  else:
+    parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2,
+                                     eps=optim.eps))
   if optim.name == "adamw" and optim.weight_decay > 0:
     parts.append(optax.add_decayed_weights(optim.weight_decay))
   parts.append(optax.scale_by_learning_rate(schedule))
@@ -106,14 +112,60 @@ def make_init_fn(family: Family, tx: optax.GradientTransformation):
   return init_fn
 
 
+def l2_penalty(params) -> jax.Array:
+  """sum(w^2) / 2 over the parameters with 2 or more dimensions."""
+  return sum(0.5 * jnp.sum(jnp.square(w))
+             for w in jax.tree_util.tree_leaves(params) if w.ndim >= 2)
+
+
 def make_train_step(family: Family, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_decay: float):
-  """The un-jitted step: (state, batch, base_key) -> (state, metrics)."""
+                    schedule: optax.Schedule, ema_decay: float,
+                    l2_coefficient: float = 0.0, accumulation: int = 1):
+  """The un-jitted step: (state, batch, base_key) -> (state, metrics).
+
+  With ``l2_coefficient`` > 0 the objective is loss + l2_coefficient *
+  l2_penalty(params). With ``accumulation`` = k > 1 the batch [B, ...] is
+  split into k micro-batches (rows j, j + k, j + 2k, ..., so that each
+  device's share of the batch splits evenly and nothing moves between
+  devices), their gradients and metrics are averaged in a ``lax.scan``, and
+  one update is applied: the same step on the same B examples, with k times
+  less activation memory. gm_jax keeps this in the step rather than using
+  optax.MultiSteps so that a step stays one update: schedules, EMA, logging
+  and checkpoints keep counting updates.
+  """
+
+  def objective(params, batch, key, step):
+    loss, aux = family.loss(params, batch, key, step)
+    if l2_coefficient > 0:
+      penalty = l2_penalty(params)
+      aux = dict(aux, l2_penalty=penalty)
+      loss = loss + l2_coefficient * penalty
+    return loss, aux
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def gradients(params, batch, key, step):
+    if accumulation == 1:
+      return grad_fn(params, batch, key, step)
+    micro = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(
+            x.reshape((x.shape[0] // accumulation, accumulation)
+                      + x.shape[1:]), 0, 1), batch)  # [k, B / k, ...]
+
+    def body(total, inputs):
+      index, micro_batch = inputs
+      out = grad_fn(params, micro_batch, jax.random.fold_in(key, index), step)
+      return jax.tree_util.tree_map(jnp.add, total, out), None
+
+    zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(
+            lambda x: x[0], micro), key, step))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accumulation), micro))
+    return jax.tree_util.tree_map(lambda x: x / accumulation, total)
 
   def train_step(state: TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
-    grad_fn = jax.value_and_grad(family.loss, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, batch, key, state.step)
+    (loss, aux), grads = gradients(state.params, batch, key, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The EMA's decay warms up as (1 + t) / (10 + t) so that the random
@@ -192,7 +244,9 @@ def build(config: ml_collections.ConfigDict,
       init=jax.jit(init_fn, in_shardings=(replicated, batched),
                    out_shardings=replicated),
       train_step=jax.jit(
-          make_train_step(family, tx, schedule, config.optim.ema_decay),
+          make_train_step(family, tx, schedule, config.optim.ema_decay,
+                          config.optim.l2_penalty,
+                          config.optim.grad_accumulation),
           in_shardings=data_in, out_shardings=(replicated, replicated),
           donate_argnums=(0,)),
       evaluate=jax.jit(family.evaluate, in_shardings=data_in,
@@ -348,6 +402,13 @@ class _LaggedMetrics:
                        if k != "finite"})
 
 
+def eval_params(state: TrainState, train_config):
+  """The parameters that evaluation and samples use (config.train.eval_params:
+  the EMA or the raw ones)."""
+  return state.params if train_config.eval_params == "params" else (
+      state.ema_params)
+
+
 class _Outputs:
   """Evaluations, sample grids and log lines, with their cadence."""
 
@@ -402,10 +463,10 @@ class _Outputs:
     metrics recorded at ``step``, if any."""
     recorded = [r for r in _records(self.workdir, "eval") if r["step"] == step]
     if self.due(self.train.eval_every, step) and not recorded:
-      recorded = [self.evaluate(step, state.ema_params)]
+      recorded = [self.evaluate(step, eval_params(state, self.train))]
     if (self.due(self.train.sample_every, step)
         and not os.path.exists(self.sample_path(step))):
-      self.samples(step, state.ema_params)
+      self.samples(step, eval_params(state, self.train))
     return recorded[-1] if recorded else None
 
   def log(self, step: int, scalars: dict, speed: dict) -> None:
@@ -540,14 +601,14 @@ def _train_loop(built: Built, state: TrainState, start: int, batches,
                " stopped. Run the same command again to continue.")
         return {}
       if outputs.due(config.train.eval_every, done):
-        final = outputs.evaluate(done, state.ema_params)
+        final = outputs.evaluate(done, eval_params(state, config.train))
       if outputs.due(config.train.sample_every, done):
-        outputs.samples(done, state.ema_params)
+        outputs.samples(done, eval_params(state, config.train))
   lagged.flush()
   if start >= num_steps:
     _print(f"Training already finished at step {start}.")
     if not final:
-      final = outputs.evaluate(start, state.ema_params)
+      final = outputs.evaluate(start, eval_params(state, config.train))
   return final
 
 
@@ -558,8 +619,9 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
   """Loads a workdir's EMA parameters alone for evaluation or sampling.
 
   Reads only (never creates, moves or deletes anything in ``workdir``);
-  only the EMA parameters are restored (an orbax partial restore), so
-  optimizer settings cannot break it.
+  only the EMA parameters (or the raw ones, with
+  ``config.train.eval_params="params"``) are restored (an orbax partial
+  restore), so optimizer settings cannot break it.
 
   Args:
     config: the workdir's config, possibly with inference-only overrides.
@@ -576,6 +638,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
       structure than the checkpoint's (e.g. an override of a model size).
   """
   built = build(config, sharding_lib.make_mesh(devices))
+  field = "params" if config.train.eval_params == "params" else "ema_params"
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     if not checkpointer.all_steps():
@@ -583,10 +646,10 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     try:
       if step is None:
         restored = checkpointer.restore_latest(built.abstract_state,
-                                               only="ema_params")
+                                               only=field)
       else:
         restored = checkpointer.restore(step, built.abstract_state,
-                                        only="ema_params")
+                                        only=field)
     except checkpoint_lib.CheckpointMismatchError as e:
       diff = config_differences(read_saved_config(workdir), config, ["model"])
       raise checkpoint_lib.CheckpointMismatchError(

@@ -11,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gm_jax import checkpoint as checkpoint_lib
@@ -384,3 +385,90 @@ def test_train_step_updates_ema_with_warm_up():
     np.testing.assert_allclose(state.ema_params["w"], ema, rtol=1e-6)
     assert bool(metrics["finite"])
   assert int(state.step) == 3 and np.all(w < 1)
+
+
+def _regression_family():
+  """loss = mean over examples of (w . features(x) - 1)^2: deterministic, a
+  true mean over the batch."""
+  def features(batch):
+    image = batch["image"].astype(jnp.float32) / 255.0
+    return image.reshape(image.shape[0], -1)[:, :4]  # [B, 4]
+
+  def loss(params, batch, key, step):
+    residual = features(batch) @ params["w"][:, 0] + params["b"][0] - 1.0
+    return jnp.mean(residual**2), {"mean_residual": jnp.mean(residual)}
+
+  return Family(init=lambda key, batch: {"w": jnp.full((4, 1), 0.3),
+                                         "b": jnp.zeros((1,))},
+                loss=loss, evaluate=None, sample=None)
+
+
+def test_gradient_accumulation_equals_the_full_batch_step():
+  family = _regression_family()
+  config = smoke_config()
+  tx, schedule = train.make_optimizer(config.optim, 100)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 2, 2, 1)), jnp.uint8),
+           "label": jnp.zeros(8, jnp.int32)}
+  state = train.make_init_fn(family, tx)(jax.random.PRNGKey(0), batch)
+  results = []
+  for k in (1, 2, 4):
+    step = jax.jit(train.make_train_step(family, tx, schedule, 0.9,
+                                         accumulation=k))
+    results.append(step(state, batch, jax.random.PRNGKey(0)))
+  for new_state, m in results[1:]:
+    np.testing.assert_allclose(new_state.params["w"], results[0][0].params["w"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], results[0][1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m["mean_residual"],
+                               results[0][1]["mean_residual"], rtol=1e-5)
+
+
+def test_l2_penalty_is_added_to_the_loss_on_weight_matrices_only():
+  zero_loss = Family(
+      init=lambda key, batch: {"w": jnp.arange(6.0).reshape(2, 3),
+                               "b": jnp.ones((3,))},
+      loss=lambda params, batch, key, step: (0.0 * params["b"].sum(), {}),
+      evaluate=None, sample=None)
+  config = smoke_config()
+  tx, schedule = train.make_optimizer(config.optim, 100)
+  state = train.make_init_fn(zero_loss, tx)(jax.random.PRNGKey(0), None)
+  step = jax.jit(train.make_train_step(zero_loss, tx, schedule, 0.9,
+                                       l2_coefficient=0.1))
+  _, m = step(state, None, jax.random.PRNGKey(0))
+  w = np.arange(6.0)
+  np.testing.assert_allclose(m["l2_penalty"], 0.5 * np.sum(w**2), rtol=1e-6)
+  np.testing.assert_allclose(m["loss"], 0.1 * 0.5 * np.sum(w**2), rtol=1e-6)
+  # d/dw of 0.1 * |w|^2 / 2 is 0.1 w; the bias gets no gradient.
+  np.testing.assert_allclose(m["grad_norm"], 0.1 * np.linalg.norm(w),
+                             rtol=1e-6)
+
+
+def test_adamax_matches_optax():
+  config = smoke_config()
+  config.unlock()
+  config.optim.update(name="adamax", grad_clip=0.0, warmup_steps=0,
+                      schedule="constant", learning_rate=0.01)
+  tx, _ = train.make_optimizer(config.optim, 10)
+  reference = optax.adamax(0.01, b1=config.optim.b1, b2=config.optim.b2,
+                           eps=config.optim.eps)
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, 0.1, -4.0])}
+  ours, _ = tx.update(grads, tx.init(params), params)
+  theirs, _ = reference.update(grads, reference.init(params), params)
+  np.testing.assert_allclose(ours["w"], theirs["w"], rtol=1e-6)
+
+
+def test_inference_restores_the_parameters_the_config_evaluates(
+    reference_run):
+  workdir, config, _ = reference_run
+  _, ema, _ = train.restore_for_inference(config, workdir)
+  raw_config = smoke_config()
+  raw_config.unlock()
+  raw_config.train.eval_params = "params"
+  _, raw, step = train.restore_for_inference(raw_config, workdir)
+  _, params = final_params(workdir)
+  assert step == 6
+  assert_trees_equal(jax.tree_util.tree_map(np.asarray, raw), params)
+  with pytest.raises(AssertionError):
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, ema), params)
