@@ -12,19 +12,15 @@ from the config's source, already on the device, so the figures measure the
 jitted computation, not the input pipeline.
 """
 
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from gm_jax import data, launch, sharding, train  # noqa: E402
-from gm_jax.families import make_family  # noqa: E402
+from gm_jax import data, launch, sharding, train
+from gm_jax.families import make_family
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)

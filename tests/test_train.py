@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 
 from gm_jax import checkpoint as checkpoint_lib
-from gm_jax import families, metrics, train
+from gm_jax import config_lib, families, metrics, train
 from gm_jax.family import Family
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from configs import vae_mnist  # noqa: E402
 
 
 def smoke_config(num_steps=6, **train_overrides):
-  config = vae_mnist.get_config("smoke")
+  config = config_lib.load("configs/vae_mnist.py:smoke")
   config.unlock()
   config.model.architecture = "mlp"  # compiles faster than the conv net
   config.train.num_steps = num_steps
@@ -98,8 +95,7 @@ def test_one_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
 
 
 _KILL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
+    import os, signal
     from tests.test_train import smoke_config
     from gm_jax import train
 
@@ -114,9 +110,9 @@ _KILL_SCRIPT = textwrap.dedent("""
 def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
   ref_dir, config, _ = reference_run
   workdir = str(tmp_path)
-  script = _KILL_SCRIPT.format(repo=REPO, kill_step=5, workdir=workdir)
+  script = _KILL_SCRIPT.format(kill_step=5, workdir=workdir)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, cwd=REPO)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   steps = checkpoint_lib.Checkpointer(workdir).all_steps()
   assert steps and max(steps) < 6
