@@ -22,25 +22,13 @@ Builds the model of configs/diffusion_cifar10.py (DDPM's 35.7M U-Net on
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gm_jax import diffusion
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location(
-      "diffusion_cifar10", ROOT / "configs" / "diffusion_cifar10.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from gm_jax import config_lib, diffusion
 
 
 def step_flops(compiled) -> float:
@@ -61,24 +49,25 @@ def main() -> None:
   parser.add_argument("--bf16", action="store_true",
                       help="bfloat16 compute, float32 parameters")
   parser.add_argument("--small", action="store_true",
-                      help="ch 32 instead of 128 (a quick CPU check)")
+                      help="width 32 instead of 128 (a quick CPU check)")
   parser.add_argument("--num_samples", type=int, default=1)
   parser.add_argument("--sample_steps", type=int, default=50)
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak TFLOP/s for the MFU (0: not shown)")
   args = parser.parse_args()
 
-  config = load_config("bf16" if args.bf16 else None)
+  config = config_lib.load(
+      "configs/diffusion_cifar10.py" + (":bf16" if args.bf16 else ""))
   model = config.model
   model.unlock()
   model.sampler = "ddim"
   model.sample_steps = args.sample_steps
   if args.small:
-    model.ch = 32
+    model.width = 32
   family = diffusion.make(model)
   device = jax.devices()[0]
   print(f"device: {device.platform} ({device.device_kind}), dtype"
-        f" {model.dtype}, ch {model.ch}, batch {args.batch}")
+        f" {model.dtype}, width {model.width}, batch {args.batch}")
 
   key = jax.random.key(0)
   batch = {

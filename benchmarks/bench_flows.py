@@ -15,8 +15,6 @@ width 32) so a CPU run takes a minute or two.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
@@ -25,18 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gm_jax import flows
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config(name: str):
-  """Loads configs/<name>.py by path (the scripts need no package install)."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from gm_jax import config_lib, flows
 
 
 def _timed(fn, *args):
@@ -57,12 +44,12 @@ def main():
                       help="shrink the model for CPU runs")
   args = parser.parse_args()
 
-  config = _load_config(args.config)
+  config = config_lib.load(f"configs/{args.config}.py")
   model_config = config.model.copy_and_resolve_references()
   model_config.unlock()
   if args.small:
-    model_config.num_steps = min(model_config.num_steps, 2)
-    model_config.hidden_channels = min(model_config.hidden_channels, 32)
+    model_config.steps_per_level = min(model_config.steps_per_level, 2)
+    model_config.width = min(model_config.width, 32)
     model_config.num_res_blocks = min(model_config.num_res_blocks, 1)
   batch_size = args.batch or config.train.batch_size
   devices = jax.devices()

@@ -16,8 +16,6 @@ Runs on whatever devices exist (the batch is split over all of them).
 """
 
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
@@ -25,18 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gm_jax import autoregressive
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                          os.pardir, "configs")
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(CONFIG_DIR, name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from gm_jax import autoregressive, config_lib
 
 
 def bench(name, model_config, batch_size, steps, num_samples):
@@ -124,7 +111,7 @@ def main():
   for name, config_name in names:
     if not args.cifar and name not in wanted:
       continue
-    config = load_config(config_name)
+    config = config_lib.load(f"configs/{config_name}.py")
     if args.naive_sampling:
       config.model.fast_sampling = False
     bench(name, config.model, args.batch_size or config.train.batch_size,

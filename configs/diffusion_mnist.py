@@ -6,23 +6,22 @@ variational bound on the 500 test digits in bits/dim of the 8-bit data,
 estimated with 25 stratified timesteps (model.eval_timesteps; 0 = all 1000
 terms, exact). Measured 2026-11-24 on 2 CPU cores: 2.27 bits/dim after the
 1,000 steps of 32, in 4 min 12 s; samples are digit-like but rough; a longer run (e.g.
---config.train.num_steps=20000 --config.model.ch=32) gives clean digits.
+--config.train.num_steps=20000 --config.model.width=32) gives clean digits.
 
   python scripts/train.py --config=configs/diffusion_mnist.py --workdir=/tmp/diffusion_mnist
 """
 
-from gm_jax import config_lib
-from gm_jax.diffusion import set_model_defaults
+from gm_jax import config_lib, diffusion
 
 
 def get_config(arg=None):
   args = config_lib.parse_args(arg, allowed=("smoke",))
   config = config_lib.base_config()
   config.data.source = "embedded_mnist"
-  set_model_defaults(config.model)
+  config.model = diffusion.default_model_config()
   config.model.image_shape = (28, 28, 1)
-  config.model.ch = 16
-  config.model.ch_mult = (1, 2, 2)  # 28 -> 14 -> 7
+  config.model.width = 16
+  config.model.width_mult = (1, 2, 2)  # 28 -> 14 -> 7
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (7,)
   config.model.num_groups = 8
@@ -44,8 +43,8 @@ def get_config(arg=None):
   config.ckpt.every_steps = 500
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.model.ch = 8
-    config.model.ch_mult = (1, 2)
+    config.model.width = 8
+    config.model.width_mult = (1, 2)
     config.model.attn_resolutions = (14,)
     config.model.num_groups = 4
     config.model.eval_timesteps = 3

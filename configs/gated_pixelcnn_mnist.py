@@ -33,7 +33,7 @@ def get_config(arg=None):
   else:
     config.model.likelihood = "bernoulli"
     config.model.binarize = "threshold"
-  config.model.num_filters = 32
+  config.model.width = 32
   config.model.num_layers = 6
   config.model.kernel_size = 3
   config.model.first_kernel_size = 7
@@ -58,7 +58,7 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.model.num_filters = 4
+    config.model.width = 4
     config.model.num_layers = 2
     config.model.first_kernel_size = 3
     config.model.num_output_filters = 8

@@ -10,8 +10,8 @@ download of cifar10 (with TensorFlow installed to prepare it).
 
   python scripts/train.py --config=configs/glow_cifar10.py --workdir=/tmp/glow_cifar10
 
-Arguments: ``smoke`` (seconds, for tests; tiny model, no training worth the
-name).
+Arguments: ``smoke`` (seconds, for tests; a tiny model on the embedded 32x32
+colour patches, data.source "embedded_rgb", so no download).
 """
 
 from gm_jax import config_lib, flows
@@ -27,8 +27,8 @@ def get_config(arg=None):
   config.model.image_shape = (32, 32, 3)
   config.model.architecture = "glow"
   config.model.num_levels = 3
-  config.model.num_steps = 32
-  config.model.hidden_channels = 512
+  config.model.steps_per_level = 32
+  config.model.width = 512
   config.model.num_res_blocks = 0
   config.model.coupling = "affine"
   config.model.scale_fn = "sigmoid"
@@ -53,7 +53,10 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.model.num_steps = 1
-    config.model.hidden_channels = 8
+    # Real 32x32 colour patches that ship offline.
+    config.data.source = "embedded_rgb"
+    config.data.name = ""
+    config.model.steps_per_level = 1
+    config.model.width = 8
   config.lock()
   return config

@@ -25,8 +25,8 @@ def get_config(arg=None):
   config.model.image_shape = (28, 28, 1)
   config.model.architecture = "glow"
   config.model.num_levels = 2
-  config.model.num_steps = 4
-  config.model.hidden_channels = 64
+  config.model.steps_per_level = 4
+  config.model.width = 64
   config.model.coupling = "affine"
   config.model.scale_fn = "sigmoid"
   config.model.permutation = "lu"
@@ -57,8 +57,8 @@ def get_config(arg=None):
   if "smoke" in args:
     config_lib.apply_smoke(config)
     config.model.num_levels = 1
-    config.model.num_steps = 1
-    config.model.hidden_channels = 8
+    config.model.steps_per_level = 1
+    config.model.width = 8
     config.model.visualize_temperatures = (0.7,)
   config.lock()
   return config

@@ -31,13 +31,13 @@ def get_config(arg=None):
   config.model.architecture = "pixelcnn"
   config.model.likelihood = "bernoulli"
   config.model.binarize = "dynamic" if "dynamic" in args else "threshold"
-  config.model.num_filters = 32
+  config.model.width = 32
   config.model.num_layers = 5
   config.model.kernel_size = 3
   config.model.first_kernel_size = 7
   config.model.num_output_filters = 64
   if "paper" in args:
-    config.model.num_filters = 128
+    config.model.width = 128
     config.model.num_layers = 15
     config.model.num_output_filters = 1024
 
@@ -59,7 +59,7 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.model.num_filters = 4
+    config.model.width = 4
     config.model.num_layers = 1
     config.model.first_kernel_size = 3
     config.model.num_output_filters = 8

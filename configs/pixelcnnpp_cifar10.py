@@ -11,8 +11,9 @@ the tfds cifar10 data prepared (see the README).
   python scripts/train.py --config=configs/pixelcnnpp_cifar10.py \
       --workdir=/tmp/pixelcnnpp_cifar10
 
-Target: 2.92 bits/dim (test). ``smoke`` shrinks everything for tests (and
-runs on the embedded MNIST digits, 28x28 grey, so it needs no download).
+Target: 2.92 bits/dim (test). ``smoke`` shrinks everything for tests and
+reads the embedded 32x32 colour patches (data.source "embedded_rgb"), so it
+needs no download.
 """
 
 from gm_jax import autoregressive, config_lib
@@ -29,7 +30,7 @@ def get_config(arg=None):
   config.model.architecture = "pixelcnnpp"
   config.model.likelihood = "logistic_mixture"
   config.model.binarize = "none"
-  config.model.num_filters = 160
+  config.model.width = 160
   config.model.num_resnet = 5
   config.model.num_mixtures = 10
   config.model.dropout = 0.5
@@ -51,10 +52,9 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.data.source = "embedded_mnist"
+    config.data.source = "embedded_rgb"
     config.data.name = ""
-    config.model.image_shape = (28, 28, 1)
-    config.model.num_filters = 4
+    config.model.width = 4
     config.model.num_resnet = 1
     config.model.num_mixtures = 2
   config.lock()

@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.model.architecture = "pixelcnnpp"
   config.model.likelihood = "logistic_mixture"
   config.model.binarize = "none"
-  config.model.num_filters = 32
+  config.model.width = 32
   config.model.num_resnet = 1
   config.model.num_mixtures = 5
   config.model.dropout = 0.1
@@ -46,7 +46,7 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.model.num_filters = 4
+    config.model.width = 4
     config.model.num_resnet = 1
     config.model.num_mixtures = 2
     config.model.dropout = 0.0

@@ -11,7 +11,8 @@ cifar10.
 
   python scripts/train.py --config=configs/realnvp_cifar10.py --workdir=/tmp/realnvp_cifar10
 
-Arguments: ``smoke`` (seconds, for tests).
+Arguments: ``smoke`` (seconds, for tests; a tiny model on the embedded 32x32
+colour patches, data.source "embedded_rgb", so no download).
 """
 
 from gm_jax import config_lib, flows
@@ -27,8 +28,8 @@ def get_config(arg=None):
   config.model.image_shape = (32, 32, 3)
   config.model.architecture = "realnvp"
   config.model.num_levels = 2
-  config.model.num_steps = 3
-  config.model.hidden_channels = 64
+  config.model.steps_per_level = 3
+  config.model.width = 64
   config.model.num_res_blocks = 8
   config.model.coupling = "affine"
   config.model.scale_fn = "tanh"
@@ -55,8 +56,11 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
-    config.model.num_steps = 1
-    config.model.hidden_channels = 8
+    # Real 32x32 colour patches that ship offline.
+    config.data.source = "embedded_rgb"
+    config.data.name = ""
+    config.model.steps_per_level = 1
+    config.model.width = 8
     config.model.num_res_blocks = 1
   config.lock()
   return config

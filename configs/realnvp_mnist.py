@@ -25,8 +25,8 @@ def get_config(arg=None):
   config.model.image_shape = (28, 28, 1)
   config.model.architecture = "realnvp"
   config.model.num_levels = 3
-  config.model.num_steps = 3
-  config.model.hidden_channels = 32
+  config.model.steps_per_level = 3
+  config.model.width = 32
   config.model.num_res_blocks = 1
   config.model.coupling = "affine"
   config.model.scale_fn = "tanh"
@@ -53,8 +53,8 @@ def get_config(arg=None):
   if "smoke" in args:
     config_lib.apply_smoke(config)
     config.model.num_levels = 2
-    config.model.num_steps = 1
-    config.model.hidden_channels = 8
+    config.model.steps_per_level = 1
+    config.model.width = 8
     config.model.num_res_blocks = 1
   config.lock()
   return config

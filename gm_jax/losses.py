@@ -1,10 +1,15 @@
 """Likelihood math shared by the families, as pure per-element functions.
 
 Every function here is pure: arrays in, arrays out, no reduction over the
-batch. Element-wise functions return arrays of their inputs' broadcast shape;
-sum them over the non-batch axes with ``sum_except_batch`` to get a
-per-example log-likelihood. Conventions:
+batch. Element-wise functions broadcast their inputs and return arrays of
+the broadcast shape; sum them over the non-batch axes with
+``sum_except_batch`` to get a per-example log-likelihood (``gaussian_kl``
+does that sum itself and returns [B]). Conventions:
 
+* Arguments come in one order: the data ``x`` first, then the
+  distribution's parameters, then a PRNG ``key`` where one is needed, then
+  options (``num_bins``, ...). Whatever can be derived from the shapes is
+  (e.g. the mixture size from the parameters' last axis).
 * 8-bit data with ``num_bins`` levels k = 0..num_bins-1 is scaled to
   ``x = 2 k / (num_bins - 1) - 1`` in [-1, 1], so neighbouring levels are
   ``2 / (num_bins - 1)`` apart and each level owns a bin of that width (the
@@ -15,7 +20,7 @@ per-example log-likelihood. Conventions:
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +30,19 @@ Array = jax.Array
 
 LN2 = math.log(2.0)
 
+# Levels of 8-bit data: the default ``num_bins`` of every function here and
+# the number the families use for pixel values.
+PIXEL_VALUES = 256
 
-def _check_same_shape(name: str, **arrays: Array) -> None:
-  shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
-  if len(set(shapes.values())) > 1:
-    raise ValueError(f"{name}: inputs must have the same shape, got {shapes}.")
+
+def _broadcast_shape(name: str, **shapes: tuple[int, ...]) -> tuple[int, ...]:
+  """The broadcast of the named shapes; a ValueError naming them if there is
+  none."""
+  try:
+    return jnp.broadcast_shapes(*shapes.values())
+  except ValueError:
+    raise ValueError(
+        f"{name}: input shapes do not broadcast: {shapes}.") from None
 
 
 def sum_except_batch(x: Array) -> Array:
@@ -47,12 +60,13 @@ def bits_per_dim(nll_nats: Array, num_dims: int) -> Array:
   return nll_nats / (num_dims * LN2)
 
 
-def scale_to_symmetric(x_int: Array, num_bins: int = 256) -> Array:
+def scale_to_symmetric(x_int: Array, num_bins: int = PIXEL_VALUES) -> Array:
   """Maps integer levels {0..num_bins-1} to float32 in [-1, 1]."""
   return x_int.astype(jnp.float32) * (2.0 / (num_bins - 1)) - 1.0
 
 
-def uniform_dequantize(key: Array, x_int: Array, num_bins: int = 256) -> Array:
+def uniform_dequantize(x_int: Array, key: Array,
+                       num_bins: int = PIXEL_VALUES) -> Array:
   """Uniform dequantization: (k + u) / num_bins with u ~ U[0, 1), in [0, 1).
 
   The density of the result lower-bounds the probability mass of k times
@@ -76,14 +90,15 @@ def binarize_images(image: Array, mode: str,
       a fresh binarization every step).
     key: PRNG key, needed for "dynamic".
   """
+  max_level = PIXEL_VALUES - 1
   if mode == "none":
     return image.astype(jnp.float32)
   if mode == "threshold":
-    return (image > 127).astype(jnp.float32)
+    return (image > max_level // 2).astype(jnp.float32)
   if mode == "dynamic":
     if key is None:
       raise ValueError("binarize_images: mode 'dynamic' needs a key.")
-    probs = image.astype(jnp.float32) / 255.0
+    probs = image.astype(jnp.float32) / float(max_level)
     return jax.random.bernoulli(key, probs).astype(jnp.float32)
   raise ValueError(f"binarize_images: mode={mode!r}, expected one of"
                    f" {BINARIZATIONS}.")
@@ -93,34 +108,49 @@ def binarize_images(image: Array, mode: str,
 # Bernoulli and categorical.
 
 
-def bernoulli_log_prob(logits: Array, x: Array) -> Array:
+def bernoulli_log_prob(x: Array, logits: Array) -> Array:
   """log Bernoulli(x | sigmoid(logits)), element-wise, for x in {0, 1}.
 
   Computed as x * log sigmoid(l) + (1 - x) * log sigmoid(-l), stable for
   any finite logits.
+
+  Args:
+    x: data in {0, 1} (any dtype).
+    logits: log-odds, broadcastable with x.
+
+  Returns:
+    log-probabilities of the broadcast shape, in the logits' float dtype.
   """
-  _check_same_shape("bernoulli_log_prob", logits=logits, x=x)
-  x = x.astype(logits.dtype)
+  _broadcast_shape("bernoulli_log_prob", x=jnp.shape(x),
+                   logits=jnp.shape(logits))
+  logits = jnp.asarray(logits)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    logits = logits.astype(jnp.float32)
+  x = jnp.asarray(x).astype(logits.dtype)
   return x * jax.nn.log_sigmoid(logits) + (1.0 - x) * jax.nn.log_sigmoid(-logits)
 
 
-def categorical_log_prob(logits: Array, x: Array) -> Array:
+def categorical_log_prob(x: Array, logits: Array) -> Array:
   """log softmax(logits)[x], element-wise.
 
   Args:
-    logits: [..., K] unnormalised log-probabilities.
     x: [...] integer classes in {0..K-1}.
+    logits: [..., K] unnormalised log-probabilities; their leading shape
+      broadcasts with x's.
 
   Returns:
-    [...] log-probabilities.
+    log-probabilities of the broadcast leading shape.
   """
-  if logits.shape[:-1] != x.shape:
-    raise ValueError(
-        "categorical_log_prob: logits must be x.shape + (K,), got logits"
-        f" {logits.shape} and x {x.shape}.")
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(
-      log_probs, x[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  x, logits = jnp.asarray(x), jnp.asarray(logits)
+  if logits.ndim < 1:
+    raise ValueError("categorical_log_prob: logits must be [..., K], got a"
+                     " scalar.")
+  shape = _broadcast_shape("categorical_log_prob", x=x.shape,
+                           logits_without_k=logits.shape[:-1])
+  log_probs = jnp.broadcast_to(jax.nn.log_softmax(logits, axis=-1),
+                               shape + logits.shape[-1:])
+  index = jnp.broadcast_to(x, shape).astype(jnp.int32)[..., None]
+  return jnp.take_along_axis(log_probs, index, axis=-1)[..., 0]
 
 
 # ----------------------------------------------------------------------------
@@ -145,12 +175,49 @@ def normal_kl(mean1: Array, log_var1: Array, mean2: Array,
 
 
 def standard_normal_kl(mean: Array, log_std: Array) -> Array:
-  """KL(N(mean, exp(log_std)^2) || N(0, 1)), element-wise.
+  """KL(N(mean, exp(log_std)^2) || N(0, 1)), element-wise (broadcasting).
 
   KL = 0.5 * (mean^2 + exp(2 log_std) - 1) - log_std.
   """
-  _check_same_shape("standard_normal_kl", mean=mean, log_std=log_std)
+  _broadcast_shape("standard_normal_kl", mean=jnp.shape(mean),
+                   log_std=jnp.shape(log_std))
   return 0.5 * (jnp.square(mean) + jnp.exp(2.0 * log_std) - 1.0) - log_std
+
+
+def gaussian_kl(mean_q: Array, log_std_q: Array,
+                mean_p: Array | float | None = None,
+                log_std_p: Array | float | None = None) -> Array:
+  """KL(q || p) per example between diagonal Gaussians, in nats.
+
+  KL = sum_i [log s_p - log s_q + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2]
+  over every axis but the first, with s = exp(log_std). p defaults to the
+  standard normal N(0, I) (then the sum is of ``standard_normal_kl``).
+
+  Args:
+    mean_q, log_std_q: q's parameters, e.g. an encoder's [B, Z].
+    mean_p, log_std_p: p's parameters, or None (both) for N(0, I).
+      All four broadcast; the broadcast shape must be [B, ...].
+
+  Returns:
+    [B] the KL of each example, summed over the non-batch axes.
+  """
+  if (mean_p is None) != (log_std_p is None):
+    raise ValueError("gaussian_kl: give both mean_p and log_std_p, or"
+                     " neither (for the standard normal).")
+  if mean_p is None:
+    shape = _broadcast_shape("gaussian_kl", mean_q=jnp.shape(mean_q),
+                             log_std_q=jnp.shape(log_std_q))
+    kl = standard_normal_kl(mean_q, log_std_q)
+  else:
+    shape = _broadcast_shape(
+        "gaussian_kl", mean_q=jnp.shape(mean_q), log_std_q=jnp.shape(log_std_q),
+        mean_p=jnp.shape(mean_p), log_std_p=jnp.shape(log_std_p))
+    kl = normal_kl(mean_q, 2.0 * jnp.asarray(log_std_q), mean_p,
+                   2.0 * jnp.asarray(log_std_p))
+  if len(shape) < 1:
+    raise ValueError("gaussian_kl: the parameters' broadcast shape must be"
+                     " [B, ...], got a scalar.")
+  return sum_except_batch(jnp.broadcast_to(kl, shape))
 
 
 # ----------------------------------------------------------------------------
@@ -176,7 +243,7 @@ def _log_ndtr_diff(a: Array, b: Array) -> Array:
 
 
 def discretized_logistic_log_prob(x: Array, mean: Array, log_scale: Array,
-                                  num_bins: int = 256) -> Array:
+                                  num_bins: int = PIXEL_VALUES) -> Array:
   """log P(x) under a logistic discretized to num_bins levels, element-wise.
 
   P(k) = sigmoid((x + h - mean) / s) - sigmoid((x - h - mean) / s) with
@@ -205,7 +272,7 @@ def discretized_logistic_log_prob(x: Array, mean: Array, log_scale: Array,
 
 
 def discretized_gaussian_log_prob(x: Array, mean: Array, log_std: Array,
-                                  num_bins: int = 256) -> Array:
+                                  num_bins: int = PIXEL_VALUES) -> Array:
   """log P(x) under a Gaussian discretized to num_bins levels, element-wise.
 
   The DDPM decoder p(x_0 | x_1): P(k) = Phi((x + h - mean) / std) -
@@ -238,17 +305,43 @@ def mixture_num_params(num_channels: int, num_mixtures: int) -> int:
   return num_mixtures * (1 + 2 * num_channels + num_coeffs)
 
 
+def mixture_num_components(num_params: int, num_channels: int,
+                           num_mixtures: Optional[int] = None) -> int:
+  """The number of components M that ``num_params`` outputs per pixel hold.
+
+  The inverse of ``mixture_num_params``.
+
+  Args:
+    num_params: P, the parameters' last axis.
+    num_channels: C.
+    num_mixtures: if given, the M the caller expects (checked).
+
+  Raises:
+    ValueError: P is not a multiple of one component's parameters over C
+      channels, or differs from ``mixture_num_params(C, num_mixtures)``.
+  """
+  per_component = mixture_num_params(num_channels, 1)
+  if num_mixtures is not None:
+    expected = mixture_num_params(num_channels, num_mixtures)
+    if num_params != expected:
+      raise ValueError(
+          f"Discretized logistic mixture with {num_mixtures} components over"
+          f" {num_channels} channels needs {expected} parameters in the last"
+          f" axis, got {num_params}.")
+  if num_params < per_component or num_params % per_component:
+    raise ValueError(
+        f"Discretized logistic mixture over {num_channels} channels needs a"
+        f" positive multiple of {per_component} parameters in the last axis"
+        f" ({per_component} per component), got {num_params}.")
+  return num_params // per_component
+
+
 def _split_mixture_params(
     params: Array, num_channels: int,
-    num_mixtures: int) -> Tuple[Array, Array, Array, Array]:
+    num_mixtures: Optional[int]) -> Tuple[Array, Array, Array, Array]:
   """[..., P] -> logits [..., M], means, log_scales [..., C, M], coeffs [..., K, M]."""
-  expected = mixture_num_params(num_channels, num_mixtures)
-  if params.shape[-1] != expected:
-    raise ValueError(
-        f"Discretized logistic mixture with {num_mixtures} components over"
-        f" {num_channels} channels needs {expected} parameters in the last"
-        f" axis, got {params.shape[-1]}.")
-  m, c = num_mixtures, num_channels
+  m = mixture_num_components(params.shape[-1], num_channels, num_mixtures)
+  c = num_channels
   k = c * (c - 1) // 2
   lead = params.shape[:-1]
   logits = params[..., :m]
@@ -278,9 +371,9 @@ def _coupled_means(means: Array, coeffs: Array, x: Array) -> Array:
   return jnp.stack(rows, axis=-2)
 
 
-def discretized_logistic_mixture_log_prob(x: Array, params: Array,
-                                          num_mixtures: int,
-                                          num_bins: int = 256) -> Array:
+def discretized_logistic_mixture_log_prob(
+    x: Array, params: Array, num_mixtures: Optional[int] = None,
+    num_bins: int = PIXEL_VALUES) -> Array:
   """Per-pixel log P(x) under PixelCNN++'s discretized logistic mixture.
 
   p(x) = sum_m pi_m prod_c DiscLogistic(x_c | mu_{m,c}(x_<c), s_{m,c}), with
@@ -289,18 +382,21 @@ def discretized_logistic_mixture_log_prob(x: Array, params: Array,
 
   Args:
     x: [..., C] pixels scaled to [-1, 1].
-    params: [..., mixture_num_params(C, num_mixtures)] raw network outputs.
-    num_mixtures: number of components M.
+    params: [..., P] raw network outputs, P = mixture_num_params(C, M); the
+      leading shapes of x and params broadcast.
+    num_mixtures: optional check: M, which P and C determine anyway.
     num_bins: levels per channel.
 
   Returns:
-    [...] log-probabilities of whole pixels, in nats.
+    log-probabilities of whole pixels, in nats, of the broadcast leading
+    shape.
   """
   num_channels = x.shape[-1]
-  if params.shape[:-1] != x.shape[:-1]:
-    raise ValueError(
-        "discretized_logistic_mixture_log_prob: params must share x's leading"
-        f" shape, got x {x.shape} and params {params.shape}.")
+  lead = _broadcast_shape("discretized_logistic_mixture_log_prob",
+                          x_without_c=x.shape[:-1],
+                          params_without_p=params.shape[:-1])
+  x = jnp.broadcast_to(x, lead + x.shape[-1:])
+  params = jnp.broadcast_to(params, lead + params.shape[-1:])
   logits, means, log_scales, coeffs = _split_mixture_params(
       params, num_channels, num_mixtures)
   means = _coupled_means(means, coeffs, x)
@@ -310,9 +406,10 @@ def discretized_logistic_mixture_log_prob(x: Array, params: Array,
   return jax.nn.logsumexp(log_mix + jnp.sum(per_channel, axis=-2), axis=-1)
 
 
-def sample_discretized_logistic_mixture(key: Array, params: Array,
-                                        num_channels: int, num_mixtures: int,
-                                        num_bins: int = 256) -> Array:
+def sample_discretized_logistic_mixture(
+    params: Array, key: Array, num_channels: int,
+    num_mixtures: Optional[int] = None,
+    num_bins: int = PIXEL_VALUES) -> Array:
   """Draws whole pixels from ``discretized_logistic_mixture_log_prob``.
 
   Picks a component per pixel, then samples the channels in order, each from
@@ -320,9 +417,10 @@ def sample_discretized_logistic_mixture(key: Array, params: Array,
   exactly a draw from the discretized distribution).
 
   Args:
-    key: PRNG key.
     params: [..., P] raw network outputs.
-    num_channels, num_mixtures, num_bins: as in the log-prob.
+    key: PRNG key.
+    num_channels: C, the channels of a pixel.
+    num_mixtures, num_bins: as in the log-prob (M is derived from P and C).
 
   Returns:
     [..., C] float32 samples on the grid of levels in [-1, 1].
@@ -331,7 +429,7 @@ def sample_discretized_logistic_mixture(key: Array, params: Array,
       params, num_channels, num_mixtures)
   key_mix, key_logistic = jax.random.split(key)
   component = jax.random.categorical(key_mix, logits, axis=-1)  # [...]
-  one_hot = jax.nn.one_hot(component, num_mixtures, dtype=params.dtype)
+  one_hot = jax.nn.one_hot(component, logits.shape[-1], dtype=params.dtype)
   u = jax.random.uniform(
       key_logistic, params.shape[:-1] + (num_channels,),
       minval=1e-5, maxval=1.0 - 1e-5)

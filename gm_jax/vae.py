@@ -16,6 +16,7 @@ discretized logistic / Gaussian decoder for 8-bit data, trained on the ELBO
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gm_jax import losses
+from gm_jax import losses, schema
 from gm_jax.family import Family
 
 Array = jax.Array
@@ -33,20 +34,23 @@ LogLikelihood = Callable[[Array, Array], Array]
 
 ARCHITECTURES = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "discretized_logistic", "discretized_gaussian")
-BINARIZATIONS = losses.BINARIZATIONS
 
 
 # ----------------------------------------------------------------------------
 # Pure bounds.
 
 
-def reparameterize(key: Array, mean: Array, log_std: Array) -> Array:
-  """z = mean + exp(log_std) * eps with eps ~ N(0, I) drawn from ``key``."""
+def reparameterize(mean: Array, log_std: Array, key: Array) -> Array:
+  """z = mean + exp(log_std) * eps with eps ~ N(0, I) drawn from ``key``.
+
+  ``mean`` and ``log_std`` broadcast; z has their broadcast shape.
+  """
+  mean, log_std = jnp.broadcast_arrays(mean, log_std)
   eps = jax.random.normal(key, mean.shape, mean.dtype)
   return mean + jnp.exp(log_std) * eps
 
 
-def elbo(key: Array, x: Array, encode: Encoder, log_likelihood: LogLikelihood,
+def elbo(encode: Encoder, log_likelihood: LogLikelihood, x: Array, key: Array,
          beta: float | Array = 1.0) -> dict[str, Array]:
   """The evidence lower bound with one reparameterised sample, per example.
 
@@ -54,10 +58,10 @@ def elbo(key: Array, x: Array, encode: Encoder, log_likelihood: LogLikelihood,
   expectation estimated from one z = mean + sigma * eps and the KL exact.
 
   Args:
-    key: PRNG key for eps.
-    x: [B, ...] data in the form ``encode`` and ``log_likelihood`` take.
     encode: x -> (mean, log_std), each [B, Z].
     log_likelihood: (x, z) -> [B] log p(x | z).
+    x: [B, ...] data in the form ``encode`` and ``log_likelihood`` take.
+    key: PRNG key for eps.
     beta: weight of the KL in ``objective`` (beta-VAE, KL warm-up).
 
   Returns:
@@ -69,18 +73,18 @@ def elbo(key: Array, x: Array, encode: Encoder, log_likelihood: LogLikelihood,
     raise ValueError(
         "encode(x) must return (mean, log_std) of the same shape [B, Z]; got"
         f" {mean.shape} and {log_std.shape}.")
-  z = reparameterize(key, mean, log_std)
+  z = reparameterize(mean, log_std, key)
   log_px = log_likelihood(x, z)
   if log_px.shape != mean.shape[:1]:
     raise ValueError("log_likelihood(x, z) must return [B]; got shape"
                      f" {log_px.shape} for B={mean.shape[0]}.")
-  kl = jnp.sum(losses.standard_normal_kl(mean, log_std), axis=-1)
+  kl = losses.gaussian_kl(mean, log_std)
   return {"elbo": log_px - kl, "objective": log_px - beta * kl,
           "log_likelihood": log_px, "kl": kl}
 
 
-def iwae_bound(key: Array, x: Array, encode: Encoder,
-               log_likelihood: LogLikelihood, num_samples: int,
+def iwae_bound(encode: Encoder, log_likelihood: LogLikelihood, x: Array,
+               key: Array, num_samples: int,
                chunk_size: int | None = None) -> Array:
   """The importance-weighted bound (Burda et al., 2016) with k samples.
 
@@ -90,9 +94,9 @@ def iwae_bound(key: Array, x: Array, encode: Encoder,
   that of ``chunk_size`` decoder passes whatever k is.
 
   Args:
-    key: PRNG key.
-    x: [B, ...] data.
     encode, log_likelihood: as in ``elbo``.
+    x: [B, ...] data.
+    key: PRNG key.
     num_samples: k >= 1.
     chunk_size: samples per decoder pass; must divide k (default: k).
 
@@ -237,7 +241,7 @@ def _decoder_log_likelihood(likelihood: str, target: Array,
                             out: Array) -> Array:
   """log p(x | z) per example from the decoder's raw output [B, H, W, *]."""
   if likelihood == "bernoulli":
-    return losses.sum_except_batch(losses.bernoulli_log_prob(out, target))
+    return losses.sum_except_batch(losses.bernoulli_log_prob(target, out))
   mean, log_scale = jnp.split(out, 2, axis=-1)
   log_scale = jnp.maximum(log_scale, -7.0)
   if likelihood == "discretized_logistic":
@@ -266,67 +270,88 @@ def _decoder_sample(likelihood: str, key: Array, out: Array) -> Array:
   else:
     noise = jax.random.normal(key, mean.shape)
   x = jnp.clip(mean + jnp.exp(log_scale) * noise, -1.0, 1.0)
-  return jnp.round((x + 1.0) * 127.5) / 255.0
+  max_level = losses.PIXEL_VALUES - 1
+  return jnp.round((x + 1.0) * (max_level / 2)) / max_level
 
 
-def _validate(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  image_shape = tuple(int(s) for s in cfg.image_shape)
-  if cfg.architecture not in ARCHITECTURES:
-    raise ValueError(f"config.model.architecture={cfg.architecture!r}; the VAE"
-                     f" supports {ARCHITECTURES}.")
-  if cfg.likelihood not in LIKELIHOODS:
-    raise ValueError(f"config.model.likelihood={cfg.likelihood!r}; the VAE"
-                     f" supports {LIKELIHOODS}.")
-  if cfg.binarize not in BINARIZATIONS:
-    raise ValueError(f"config.model.binarize={cfg.binarize!r}; expected one of"
-                     f" {BINARIZATIONS}.")
-  if cfg.likelihood != "bernoulli" and cfg.binarize != "none":
-    raise ValueError(
-        f"config.model.binarize={cfg.binarize!r} needs the bernoulli"
-        f" likelihood; {cfg.likelihood!r} models 8-bit data (use"
-        " binarize='none').")
-  factor = 2 ** len(cfg.conv_channels)
-  if cfg.architecture == "conv" and (image_shape[0] % factor or
-                                     image_shape[1] % factor):
-    raise ValueError(
-        f"The conv VAE with {len(cfg.conv_channels)} stride-2 layers needs H"
-        f" and W divisible by {factor}; config.model.image_shape is"
-        f" {image_shape}.")
-  if cfg.iwae_samples < 1 or cfg.iwae_samples % min(cfg.iwae_chunk,
-                                                    cfg.iwae_samples):
-    raise ValueError(
-        f"config.model.iwae_samples={cfg.iwae_samples} must be a positive"
-        f" multiple of config.model.iwae_chunk={cfg.iwae_chunk}.")
-  return image_shape
+@dataclasses.dataclass(frozen=True)
+class VAEConfig(schema.ModelConfig):
+  """``config.model`` of the VAE family.
+
+  Attributes:
+    image_shape: (H, W, C) of the data (see ``schema.ModelConfig``).
+    architecture: "conv" (strided convolutions) or "mlp" (the IWAE paper's
+      tanh MLP on the flattened image).
+    latent_dim: Z, the size of the Gaussian latent.
+    conv_channels: channels of each stride-2 layer of the conv encoder (the
+      decoder mirrors them); H and W must be divisible by 2^len.
+    dense_size: width of the conv net's dense layer.
+    hidden_sizes: widths of the MLP's hidden layers.
+    likelihood: "bernoulli" (binary data), "discretized_logistic" or
+      "discretized_gaussian" (8-bit data).
+    binarize: how the Bernoulli likelihood's targets are made from bytes:
+      "none" (already {0, 1}), "threshold" (pixel > 127) or "dynamic" (a
+      fresh Bernoulli(pixel / 255) draw every step); "none" for 8-bit data.
+    beta: weight of the KL in the training objective.
+    kl_warmup_steps: the KL weight ramps linearly from 0 to beta over these
+      steps (0: no warm-up).
+    iwae_samples: k of the IWAE bound that ``evaluate`` reports as the NLL.
+    iwae_chunk: samples per decoder pass of that bound; divides iwae_samples.
+    sample_mean: samples show the decoder's mean rather than a pixel draw.
+  """
+
+  architecture: str = schema.choice("conv", ARCHITECTURES)
+  latent_dim: int = 32
+  conv_channels: tuple[int, ...] = (32, 64)
+  dense_size: int = 256
+  hidden_sizes: tuple[int, ...] = (200, 200)
+  likelihood: str = schema.choice("bernoulli", LIKELIHOODS)
+  binarize: str = schema.binarization("dynamic")
+  beta: float = 1.0
+  kl_warmup_steps: int = 0
+  iwae_samples: int = 100
+  iwae_chunk: int = 50
+  sample_mean: bool = True
+
+  def validate(self):
+    schema.require_binarization(self.binarize, self.likelihood)
+    schema.require(self.latent_dim >= 1, "latent_dim", self.latent_dim,
+                   "must be >= 1")
+    factor = 2 ** len(self.conv_channels)
+    schema.require(
+        self.architecture != "conv" or not (self.image_shape[0] % factor or
+                                            self.image_shape[1] % factor),
+        "image_shape", self.image_shape,
+        f"must have H and W divisible by {factor} for the conv VAE's"
+        f" {len(self.conv_channels)} stride-2 layers")
+    schema.require(
+        self.iwae_samples >= 1 and self.iwae_chunk >= 1 and
+        self.iwae_samples % min(self.iwae_chunk, self.iwae_samples) == 0,
+        "iwae_samples", self.iwae_samples,
+        f"must be a positive multiple of config.model.iwae_chunk="
+        f"{self.iwae_chunk}")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """Every key the VAE family reads, with defaults."""
-  cfg = ml_collections.ConfigDict()
-  cfg.family = "vae"
-  cfg.image_shape = (28, 28, 1)
-  cfg.architecture = "conv"  # conv | mlp
-  cfg.latent_dim = 32
-  cfg.conv_channels = (32, 64)
-  cfg.dense_size = 256
-  cfg.hidden_sizes = (200, 200)  # mlp
-  cfg.likelihood = "bernoulli"  # bernoulli | discretized_logistic | ..._gaussian
-  cfg.binarize = "dynamic"  # none | threshold | dynamic
-  cfg.beta = 1.0
-  cfg.kl_warmup_steps = 0  # KL weight ramps linearly from 0 to beta
-  cfg.iwae_samples = 100  # k of the IWAE bound reported as the NLL
-  cfg.iwae_chunk = 50
-  cfg.sample_mean = True  # samples show the decoder mean, not a pixel draw
-  return cfg
+  """``config.model`` of the VAE family with every key at its default."""
+  return schema.default_config(VAEConfig, family="vae")
 
 
-def make(cfg: ml_collections.ConfigDict) -> Family:
-  """Builds the VAE family from ``config.model`` (see default_model_config)."""
-  image_shape = _validate(cfg)
+def _elbo_terms(out: dict[str, Array]) -> dict[str, Array]:
+  """The ELBO's terms under the metric names that training and evaluation
+  share (so their curves overlay): per example, in nats."""
+  return {"neg_elbo_nats": -out["elbo"], "kl_nats": out["kl"],
+          "recon_nll_nats": -out["log_likelihood"]}
+
+
+def make(model_config: ml_collections.ConfigDict) -> Family:
+  """Builds the VAE family from ``config.model`` (see ``VAEConfig``)."""
+  cfg = schema.parse(VAEConfig, model_config)
+  image_shape = cfg.image_shape
   model = VAE(image_shape=image_shape, latent_dim=cfg.latent_dim,
               architecture=cfg.architecture, likelihood=cfg.likelihood,
-              conv_channels=tuple(cfg.conv_channels),
-              hidden_sizes=tuple(cfg.hidden_sizes), dense_size=cfg.dense_size)
+              conv_channels=cfg.conv_channels,
+              hidden_sizes=cfg.hidden_sizes, dense_size=cfg.dense_size)
   likelihood = cfg.likelihood
   binary = likelihood == "bernoulli"
   num_dims = math.prod(image_shape)
@@ -362,23 +387,22 @@ def make(cfg: ml_collections.ConfigDict) -> Family:
     weight = beta
     if warmup > 0:
       weight = beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
-    out = elbo(z_key, target, *bound_fns(params), weight)
+    out = elbo(*bound_fns(params), target, z_key, weight)
     objective = -jnp.mean(out["objective"])
-    metrics = {"neg_elbo": -jnp.mean(out["elbo"]),
-               "kl": jnp.mean(out["kl"]),
-               "recon_nll": -jnp.mean(out["log_likelihood"]),
-               "kl_weight": jnp.asarray(weight, jnp.float32)}
+    metrics = {name: jnp.mean(value)
+               for name, value in _elbo_terms(out).items()}
+    metrics["kl_weight"] = jnp.asarray(weight, jnp.float32)
     return objective, metrics
 
   def evaluate(params, batch, key):
     bin_key, elbo_key, iwae_key = jax.random.split(key, 3)
     target = prepare(batch["image"], bin_key)
     encode, log_likelihood = bound_fns(params)
-    bound = elbo(elbo_key, target, encode, log_likelihood)
-    nll = -iwae_bound(iwae_key, target, encode, log_likelihood, iwae_samples,
+    bound = elbo(encode, log_likelihood, target, elbo_key)
+    nll = -iwae_bound(encode, log_likelihood, target, iwae_key, iwae_samples,
                       iwae_chunk)
     return {"nll_nats": nll, "bpd": losses.bits_per_dim(nll, num_dims),
-            "neg_elbo_nats": -bound["elbo"], "kl": bound["kl"]}
+            **_elbo_terms(bound)}
 
   def decode_images(params, z, key):
     out = model.apply({"params": params}, z, method=VAE.decode)

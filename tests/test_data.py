@@ -160,6 +160,43 @@ def test_embedded_path_imports_nothing_heavy():
 
 
 # ---------------------------------------------------------------------------
+# Embedded colour patches.
+
+
+def test_embedded_rgb_patches():
+  config = _data_config(source="embedded_rgb")
+  train = data.load_source(config, "train")
+  test = data.load_source(config, "test")
+  assert (len(train), len(test)) == (420, 100)
+  for source in (train, test):
+    assert isinstance(source, data.ImageSource)
+    assert source.image_shape == (32, 32, 3)
+    assert source.images.dtype == np.uint8
+    # 50 test patches from each photograph, the rest for training.
+    np.testing.assert_array_equal(
+        np.bincount(source.labels), [len(source) // 2] * 2)
+  # The patches tile the photographs: every one is a crop of its photo, and
+  # train and test share none.
+  images, labels = data._embedded_rgb_arrays()
+  assert images.shape == (520, 32, 32, 3)
+  from PIL import Image
+  path = data._package_file("sklearn", "scikit-learn", (
+      "datasets", "images", "china.jpg"), "photos", "embedded_rgb")
+  with Image.open(path) as image:
+    china = np.asarray(image.convert("RGB"))
+  np.testing.assert_array_equal(images[21], china[32:64, 32:64])  # (1, 1)
+  seen = {patch.tobytes() for patch in train.images}
+  assert not any(patch.tobytes() in seen for patch in test.images)
+  # Real photographs: colourful, neither flat nor noise.
+  assert 60 < train.images.mean() < 190 and train.images.std() > 30
+  again = data.load_source(config, "test")
+  np.testing.assert_array_equal(again.images, test.images)
+  with pytest.raises(ValueError, match="Unknown split 'validation' .*"
+                     "embedded_rgb"):
+    data.load_source(config, "validation")
+
+
+# ---------------------------------------------------------------------------
 # tfds, mocked.
 
 
@@ -435,5 +472,6 @@ def test_folder_without_path():
 
 def test_unknown_source():
   with pytest.raises(ValueError, match="Unknown data.source 'hdf5'; known"
-                     " sources: \\('embedded_mnist', 'tfds', 'folder'\\)"):
+                     " sources: \\('embedded_mnist', 'embedded_rgb', 'tfds',"
+                     " 'folder'\\)"):
     data.load_source(_data_config(source="hdf5"), "train")

@@ -1,33 +1,20 @@
 """The diffusion family: the U-Net, the paper config, the Family contract."""
 
-import importlib.util
-import os
-import pathlib
-
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gm_jax import diffusion
+from gm_jax import config_lib, diffusion, schema
 from gm_jax.diffusion.unet import UNet
-from tests import script_checks
-
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_paper_cifar10_unet_has_35_7m_parameters():
   """DDPM's CIFAR-10 network: 35.7M parameters (counted without allocating)."""
-  config = load_config("diffusion_cifar10")
-  net = diffusion.make_unet(config.model)
+  config = config_lib.load("configs/diffusion_cifar10.py")
+  net = diffusion.make_unet(
+      schema.parse(diffusion.DiffusionConfig, config.model))
   shapes = jax.eval_shape(
       net.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
       jnp.zeros((1,), jnp.int32))
@@ -41,21 +28,14 @@ def test_paper_cifar10_unet_has_35_7m_parameters():
   assert config.optim.grad_clip == 1.0
   assert config.model.dropout == 0.1
   assert tuple(config.model.attn_resolutions) == (16,)
-  cosine = load_config("diffusion_cifar10_cosine")
+  cosine = config_lib.load("configs/diffusion_cifar10.py:cosine")
   assert cosine.model.schedule == "cosine"
-  assert load_config("diffusion_cifar10", "bf16").model.dtype == "bfloat16"
-  # Every config's smoke mode builds a family (shapes are validated there).
-  for name in ("diffusion_mnist", "diffusion_cifar10",
-               "diffusion_cifar10_cosine"):
-    smoke = load_config(name, "smoke")
-    assert smoke.train.num_steps <= 4
-    diffusion.make(smoke.model)
-  with pytest.raises(ValueError, match="Unknown config argument"):
-    load_config("diffusion_cifar10", "fast")
+  bf16 = config_lib.load("configs/diffusion_cifar10.py:bf16")
+  assert bf16.model.dtype == "bfloat16"
 
 
 def test_unet_structure_and_size_check():
-  net = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+  net = UNet(width=8, width_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
              num_groups=4, dropout=0.1, dtype=jnp.bfloat16)
   x = jnp.zeros((2, 8, 8, 3))
   t = jnp.array([3, 700])
@@ -74,7 +54,7 @@ def test_unet_structure_and_size_check():
 
 
 def _tiny_model_config(**overrides):
-  config = load_config("diffusion_mnist", "smoke")
+  config = config_lib.load("configs/diffusion_mnist.py:smoke")
   model = config.model
   model.unlock()
   model.image_shape = (8, 8, 1)
@@ -102,15 +82,18 @@ def test_family_contract(overrides):
   (loss, metrics), grads = jax.jit(jax.value_and_grad(
       family.loss, has_aux=True))(params, batch, key, jnp.int32(0))
   assert loss.shape == () and np.isfinite(float(loss))
-  assert float(metrics["loss"]) == pytest.approx(float(loss))
+  assert float(metrics["simple_loss"]) == pytest.approx(float(loss))
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   assert float(optax_global_norm(grads)) > 0
   # The timestep enters the network: the loss depends on the time MLP.
   assert float(optax_global_norm(grads["temb_dense0"])) > 0
   results = jax.jit(family.evaluate)(params, batch, key)
   for name in ("nll_nats", "bpd", "prior_bpd", "diffusion_bpd",
-               "decoder_bpd"):
+               "decoder_bpd", "simple_loss"):
     assert results[name].shape == (4,)
+  # The same quantity as training's, at another noise level per example.
+  assert 0.1 * float(loss) < float(jnp.mean(results["simple_loss"])) < (
+      10 * float(loss))
   np.testing.assert_allclose(results["bpd"],
                              results["nll_nats"] / (64 * np.log(2)),
                              rtol=1e-5)
@@ -122,10 +105,19 @@ def test_family_contract(overrides):
   assert bool(jnp.all(results["bpd"] > 0))
   again = jax.jit(family.evaluate)(params, batch, key)
   np.testing.assert_array_equal(results["bpd"], again["bpd"])
-  samples = jax.jit(family.sample, static_argnums=2)(params, key, 3)
-  assert samples.shape == (3, 8, 8, 1) and samples.dtype == jnp.float32
+  # One program for both, so the samplers compile once together.
+  samples, pictures = jax.jit(lambda p, b, k: (
+      family.sample(p, k, 4), family.visualize(p, b, k)))(params, batch, key)
+  assert samples.shape == (4, 8, 8, 1) and samples.dtype == jnp.float32
   assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
-  # visualize runs in test_diffusion_smoke_training (through the trainer).
+  assert set(pictures) == {"samples_ddpm", "samples_ddim"}
+  # The same key: visualize's grid of the configured sampler is the sample.
+  sampler = overrides["sampler"]
+  np.testing.assert_allclose(pictures[f"samples_{sampler}"], samples,
+                             atol=1e-6)
+  other = pictures["samples_ddpm" if sampler == "ddim" else "samples_ddim"]
+  assert other.shape == samples.shape
+  assert float(other.min()) >= 0.0 and float(other.max()) <= 1.0
 
 
 @jax.jit
@@ -147,22 +139,12 @@ def optax_global_norm(tree):
     (dict(variance="learned"), "model.variance='learned'"),
     (dict(dtype="float16"), "model.dtype='float16'"),
     (dict(sample_steps=0), "model.sample_steps=0"),
-    (dict(image_shape=(6, 6, 1), ch_mult=(1, 2, 2)), r"divisible by 2\^\(len\(ch_mult\)-1\)"),
+    (dict(image_shape=(6, 6, 1), width_mult=(1, 2, 2)),
+     r"divisible by 2\^\(len\(width_mult\)-1\)"),
+    (dict(timestep_spacing="uniform"), "model.timestep_spacing='uniform'"),
     (dict(num_groups=3), "model.num_groups=3"),
     (dict(eval_timesteps=-1), "model.eval_timesteps=-1"),
 ])
 def test_bad_model_config_is_named(overrides, message):
   with pytest.raises(ValueError, match=message):
     diffusion.make(_tiny_model_config(**overrides))
-
-
-def test_diffusion_smoke_training(tmp_path):
-  from gm_jax import train
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  config = load_config("diffusion_mnist", "smoke")
-  final = train.train_and_evaluate(config, str(tmp_path))
-  assert np.isfinite(final["bpd"]) and final["bpd"] > 0
-  # The sample grid and visualize's two samplers' grids.
-  for suffix in ("", "_samples_ddpm", "_samples_ddim"):
-    assert (tmp_path / "samples" / f"step_0000004{suffix}.png").exists()
-  script_checks.assert_workdir_serves_scripts(config, str(tmp_path))

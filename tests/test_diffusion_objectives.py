@@ -21,7 +21,7 @@ def point_eps_fn(schedule, point):
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_perfect_predictor_gives_zero_simple_loss(prediction):
-  s = sched.get_schedule("linear", 1000)
+  s = sched.noise_schedule("linear", 1000)
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   point = jax.random.uniform(k1, (1, 4, 4, 2), minval=-1, maxval=1)
   x0 = jnp.broadcast_to(point, (8, 4, 4, 2))
@@ -71,7 +71,7 @@ def test_vlb_of_known_model_matches_hand_computation(variance):
   """
   t_max = 10
   betas = np.linspace(0.01, 0.3, t_max)
-  s = sched.make_schedule(betas)
+  s = sched.schedule_from_betas(betas)
   levels = np.array([0, 37, 128, 200, 255])
   b = 2 * levels / 255 - 1
   a = b + np.array([0.05, -0.03, 0.02, 0.1, -0.04])
@@ -104,7 +104,7 @@ def test_vlb_of_known_model_matches_hand_computation(variance):
 
 def test_vlb_of_true_point_model_is_prior_plus_decoder():
   """Data equal to the model's point: every KL vanishes, leaving L_T + L_0."""
-  s = sched.get_schedule("linear", 1000)
+  s = sched.noise_schedule("linear", 1000)
   levels = jnp.array([3, 100, 250, 128], jnp.int32).reshape(1, 2, 2, 1)
   x0 = losses.scale_to_symmetric(jnp.broadcast_to(levels, (2, 2, 2, 1)))
   got = obj.variational_bound(point_eps_fn(s, x0[:1]), s, x0,
@@ -128,7 +128,7 @@ def test_strata_tile_the_kl_timesteps():
 def test_stratified_vlb_is_unbiased():
   """The mean of the n-stratum estimate over draws equals the exact sum."""
   t_max = 40
-  s = sched.make_schedule(np.linspace(0.005, 0.2, t_max))
+  s = sched.schedule_from_betas(np.linspace(0.005, 0.2, t_max))
   b = jnp.full((256, 2, 1, 1), -0.2)
   eps_fn = point_eps_fn(s, jnp.full((1, 2, 1, 1), 0.3))
   exact = obj.variational_bound(eps_fn, s, b, jax.random.key(0), 0)
@@ -148,7 +148,7 @@ def test_stratified_vlb_is_unbiased():
 
 
 def test_simple_loss_checks_inputs():
-  s = sched.get_schedule("linear", 10, 0.01, 0.2)
+  s = sched.noise_schedule("linear", 10, 0.01, 0.2)
   x0 = jnp.zeros((2, 4, 4, 1))
   with pytest.raises(ValueError, match="Unknown prediction 'score'"):
     obj.simple_loss(lambda x, t: x, s, x0, jnp.zeros(2, jnp.int32), x0,

@@ -8,7 +8,7 @@ import pytest
 from gm_jax.diffusion import samplers
 from gm_jax.diffusion import schedules as sched
 
-SCHEDULE = sched.get_schedule("linear", 1000)
+SCHEDULE = sched.noise_schedule("linear", 1000)
 
 
 def gaussian_eps_fn(schedule, mu, std):
@@ -96,6 +96,52 @@ def test_sampling_timesteps():
   np.testing.assert_array_equal(samplers.sampling_timesteps(10), np.arange(10))
   with pytest.raises(ValueError, match="num_steps=0 must be in 1..1000"):
     samplers.sampling_timesteps(1000, 0)
+  with pytest.raises(ValueError, match="Unknown timestep spacing 'uniform'"):
+    samplers.sampling_timesteps(1000, 10, "uniform")
+
+
+@pytest.mark.parametrize("spacing,want", [
+    # round(linspace(0, 999, 10)): both ends.
+    ("linspace", [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]),
+    # k * (1000 // 10) from 0 up (diffusers "leading").
+    ("leading", [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]),
+    # round(1000 - k * 100) - 1 from 999 down (diffusers "trailing").
+    ("trailing", [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]),
+])
+def test_timestep_spacings(spacing, want):
+  np.testing.assert_array_equal(
+      samplers.sampling_timesteps(1000, 10, spacing), want)
+  # Any S in 1..T: S distinct increasing steps inside 0..T-1; S = T is all.
+  for num_timesteps in (7, 10, 33):
+    for num_steps in range(1, num_timesteps + 1):
+      steps = samplers.sampling_timesteps(num_timesteps, num_steps, spacing)
+      assert steps.shape == (num_steps,) and steps.dtype == np.int32
+      assert np.all(np.diff(steps) > 0)
+      assert 0 <= steps[0] and steps[-1] <= num_timesteps - 1
+    np.testing.assert_array_equal(
+        samplers.sampling_timesteps(num_timesteps, None, spacing),
+        np.arange(num_timesteps))
+  # 3 of 7 steps: the three conventions disagree.
+  assert list(samplers.sampling_timesteps(7, 3, spacing)) == {
+      "linspace": [0, 3, 6], "leading": [0, 2, 4],
+      "trailing": [1, 4, 6]}[spacing]
+
+
+def test_samplers_visit_the_spaced_timesteps():
+  """The sampler calls eps_fn at exactly the grid's steps, last first."""
+  seen = []
+
+  def eps_fn(x, t):
+    jax.debug.callback(lambda t: seen.append(int(t[0])), t, ordered=True)
+    return jnp.zeros_like(x)
+
+  for spacing in samplers.TIMESTEP_SPACINGS:
+    seen.clear()
+    out = samplers.ddim_sample(eps_fn, SCHEDULE, jax.random.key(0),
+                               (1, 2, 2, 1), 10, timestep_spacing=spacing)
+    jax.block_until_ready(out)
+    want = samplers.sampling_timesteps(1000, 10, spacing)[::-1]
+    assert seen == list(want), spacing
   with pytest.raises(ValueError, match="Unknown variance 'learned'"):
     samplers.ddpm_sample(lambda x, t: x, SCHEDULE, jax.random.key(0),
                          (1, 2, 2, 1), 5, "learned")

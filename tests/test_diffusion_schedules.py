@@ -16,7 +16,7 @@ def test_linear_betas_closed_form():
   np.testing.assert_allclose(betas[0], 1e-4)
   np.testing.assert_allclose(betas[-1], 0.02)
   np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) / 999, rtol=1e-9)
-  s = sched.get_schedule("linear", 1000)
+  s = sched.noise_schedule("linear", 1000)
   # abar_t = prod (1 - beta_s), checked via the sum of logs.
   want = np.exp(np.cumsum(np.log1p(-betas)))
   np.testing.assert_allclose(s.alphas_cumprod, want, rtol=1e-5)
@@ -26,7 +26,7 @@ def test_linear_betas_closed_form():
 
 def test_cosine_alpha_bar_closed_form():
   t_max = 1000
-  s = sched.get_schedule("cosine", t_max)
+  s = sched.noise_schedule("cosine", t_max)
   f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
   ts = np.arange(t_max)
   want = np.array([f((t + 1) / t_max) / f(0.0) for t in ts])
@@ -40,7 +40,7 @@ def test_cosine_alpha_bar_closed_form():
 
 
 def test_posterior_tables_closed_form():
-  s = sched.get_schedule("linear", 50, 1e-3, 0.2)
+  s = sched.noise_schedule("linear", 50, 1e-3, 0.2)
   betas = sched.linear_betas(50, 1e-3, 0.2)
   abar = np.cumprod(1 - betas)
   abar_prev = np.append(1.0, abar[:-1])
@@ -63,7 +63,7 @@ def test_posterior_tables_closed_form():
 def test_posterior_matches_gaussian_conditioning(name):
   """c1, c2, beta~ equal the conditional of the joint (x_{t-1}, x_t) | x_0."""
   t_max = 100
-  s = sched.get_schedule(name, t_max, 1e-3, 0.05)
+  s = sched.noise_schedule(name, t_max, 1e-3, 0.05)
   betas = np.asarray(s.betas, np.float64)
   abar = np.cumprod(1 - betas)
   for t in (1, 7, 50, t_max - 1):
@@ -83,7 +83,7 @@ def test_posterior_matches_gaussian_conditioning(name):
 
 def test_q_marginal_matches_repeated_single_step_noising():
   t_max = 200
-  s = sched.get_schedule("linear", t_max, 1e-3, 0.05)
+  s = sched.noise_schedule("linear", t_max, 1e-3, 0.05)
   betas = np.asarray(s.betas, np.float64)
   x0 = jnp.linspace(-1.0, 1.0, 5).reshape(5, 1)  # 5 data points
   num = 20_000
@@ -119,7 +119,7 @@ def test_q_marginal_matches_repeated_single_step_noising():
 
 
 def test_parameterization_round_trips():
-  s = sched.get_schedule("cosine", 100)
+  s = sched.noise_schedule("cosine", 100)
   k1, k2 = jax.random.split(jax.random.key(0))
   x0 = jax.random.uniform(k1, (6, 4, 4, 1), minval=-1, maxval=1)
   eps = jax.random.normal(k2, x0.shape)
@@ -136,9 +136,9 @@ def test_parameterization_round_trips():
 
 def test_schedule_errors():
   with pytest.raises(ValueError, match="Unknown schedule 'quadratic'"):
-    sched.get_schedule("quadratic", 10)
+    sched.noise_schedule("quadratic", 10)
   with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\]"):
-    sched.make_schedule(np.array([0.1, 1.5]))
+    sched.schedule_from_betas(np.array([0.1, 1.5]))
   with pytest.raises(ValueError, match="Unknown variance 'learned'"):
-    sched.model_log_variance(sched.get_schedule("linear", 10),
+    sched.model_log_variance(sched.noise_schedule("linear", 10),
                              jnp.zeros((1,), jnp.int32), 4, "learned")

@@ -139,7 +139,7 @@ COUPLINGS = [
          num_res_blocks=1),
     dict(kind="additive", mask="channel", parity=1),
     dict(kind="additive", mask="checkerboard", parity=0),
-    dict(kind="spline", mask="channel", parity=1, num_bins=4,
+    dict(kind="spline", mask="channel", parity=1, spline_bins=4,
          spline_bound=2.0),
 ]
 
@@ -147,13 +147,13 @@ COUPLINGS = [
 @pytest.mark.parametrize("kwargs", COUPLINGS)
 def test_coupling_properties(kwargs):
   x = _x((2, 4, 4, 3))
-  check_bijector(bj.Coupling(hidden_channels=8, **kwargs), x)
+  check_bijector(bj.Coupling(width=8, **kwargs), x)
 
 
 @pytest.mark.parametrize("kwargs", [COUPLINGS[0], COUPLINGS[1], COUPLINGS[4]])
 def test_zero_initialised_coupling_is_identity(kwargs):
   x = _x((2, 4, 4, 3))
-  module = bj.Coupling(hidden_channels=8, **kwargs)
+  module = bj.Coupling(width=8, **kwargs)
   variables = _init(module, x, perturb=False)
   y, log_det = module.apply(variables, x, method=FORWARD)
   # Exact for affine / additive; the spline's knots carry rounding.
@@ -196,7 +196,7 @@ def test_rational_quadratic_spline():
 def test_coupling_keeps_the_masked_half():
   x = _x((2, 4, 4, 3))
   module = bj.Coupling(kind="affine", mask="checkerboard", parity=0,
-                       hidden_channels=8)
+                       width=8)
   y, _ = module.apply(_init(module, x), x, method=FORWARD)
   keep = bj.checkerboard_mask(4, 4, 0)[None] > 0
   keep = np.broadcast_to(keep, x.shape)
@@ -205,7 +205,7 @@ def test_coupling_keeps_the_masked_half():
 
 
 def test_channel_coupling_needs_two_channels():
-  module = bj.Coupling(mask="channel", hidden_channels=4)
+  module = bj.Coupling(mask="channel", width=4)
   with pytest.raises(ValueError, match="at least 2 channels"):
     module.init(_key(0), _x((1, 2, 2, 1)), method=FORWARD)
 
@@ -246,7 +246,7 @@ def test_chain_sums_log_dets_in_order():
   x = _x((2, 4, 4, 2))
   chain = bj.Chain([bj.ActNorm(), bj.Squeeze(),
                     bj.Invertible1x1Conv("lu", seed=0),
-                    bj.Coupling(hidden_channels=8)])
+                    bj.Coupling(width=8)])
   variables = _init(chain, x)
   # The parts, run by hand, give the same output and total log-det (the
   # full-model tests check a Chain's Jacobian).
@@ -265,6 +265,35 @@ def test_chain_sums_log_dets_in_order():
   y, log_det = chain.apply(variables, x, method=FORWARD)
   np.testing.assert_allclose(y, h, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(log_det, total, rtol=1e-6, atol=1e-5)
+
+
+def test_bijectors_are_callable_in_the_forward_direction():
+  """``__call__`` is forward_and_log_det, for ``apply`` and for ``init``."""
+  x = _x((2, 4, 4, 2))
+  for module in (bj.ActNorm(), bj.Coupling(width=8),
+                 bj.Chain([bj.Squeeze(), bj.Invertible1x1Conv("lu")])):
+    variables = _init(module, x)
+    called = module.apply(variables, x)
+    explicit = module.apply(variables, x, method=FORWARD)
+    for got, want in zip(called, explicit, strict=True):
+      np.testing.assert_array_equal(got, want)
+    by_call = jax.tree.map(jnp.shape, module.init(_key(0), x))
+    assert by_call == jax.tree.map(jnp.shape, variables)
+
+
+def test_actnorm_without_data_init_starts_as_the_identity():
+  x = _x((3, 4, 4, 2))
+  module = bj.ActNorm(data_init=False)
+  variables = module.init(_key(0), x)
+  y, log_det = module.apply(variables, x)
+  np.testing.assert_array_equal(y, x)
+  np.testing.assert_array_equal(log_det, 0.0)
+  # With data_init the batch given to init is the one the statistics come
+  # from: another batch gives other parameters.
+  fitted = bj.ActNorm()
+  first = fitted.init(_key(0), x)["params"]["bias"]
+  second = fitted.init(_key(0), 2.0 * x + 1.0)["params"]["bias"]
+  np.testing.assert_allclose(second, 2.0 * first - 1.0, rtol=1e-5)
 
 
 def test_actnorm_init_over_the_sharded_global_batch():
@@ -297,7 +326,8 @@ def test_actnorm_init_over_the_sharded_global_batch():
 
 def test_library_never_calls_slogdet():
   import inspect
-  for module in (flows, flows.bijectors, flows.architectures):
+  for module in (flows.family, flows.bijectors, flows.architectures,
+                 flows.splines):
     source = inspect.getsource(module)
     for name in ("slogdet", "linalg.det", "linalg.inv"):
       assert f"{name}(" not in source, (module.__name__, name)

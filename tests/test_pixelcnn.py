@@ -2,29 +2,23 @@
 
 Exact normalisation of the whole model over every image of a tiny space,
 samples that follow the model's own probabilities, deterministic sampling,
-binarization, class conditioning, config errors, the shipped configs and a
-smoke run through the shared trainer.
+binarization, class conditioning, config errors and the paper config.
 """
 
-import importlib.util
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from gm_jax import autoregressive as ar
-from tests import script_checks
-
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+from gm_jax import config_lib, losses, schema
 
 
 def model_config(**overrides):
   config = ar.default_model_config()
-  config.update(dict(num_filters=6, num_layers=2, kernel_size=3,
+  config.update(dict(width=6, num_layers=2, kernel_size=3,
                      first_kernel_size=3, num_output_filters=8, num_resnet=1,
                      num_mixtures=2))
   config.update(overrides)
@@ -148,7 +142,7 @@ def test_fast_sampling_window_is_exact_and_tight(architecture):
   config = model_config(architecture=architecture, image_shape=shape,
                         likelihood="categorical", binarize="none",
                         num_layers=2)
-  spec = ar.parse_config(config)
+  spec = schema.parse(ar.PixelCNNConfig, config)
   window = ar.receptive_rows(spec)
   assert window == 4  # 1 + 1 + 2 * 1 rows for both nets here.
   net = ar.build_network(spec)
@@ -176,15 +170,15 @@ def test_fast_sampling_window_is_exact_and_tight(architecture):
 def test_binarization_modes():
   image = jnp.array([0, 1, 127, 128, 200, 255], jnp.uint8).reshape(1, 1, 6, 1)
   np.testing.assert_array_equal(
-      ar.binarize_images(image, "threshold").ravel(), [0, 0, 0, 1, 1, 1])
-  np.testing.assert_array_equal(ar.binarize_images(image, "none").ravel(),
+      losses.binarize_images(image, "threshold").ravel(), [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(losses.binarize_images(image, "none").ravel(),
                                 [0, 1, 127, 128, 200, 255])
   grey = jnp.full((20_000,), 64, jnp.uint8)
-  draws = ar.binarize_images(grey, "dynamic", jax.random.PRNGKey(0))
+  draws = losses.binarize_images(grey, "dynamic", jax.random.PRNGKey(0))
   assert set(np.unique(draws)) == {0.0, 1.0}
   np.testing.assert_allclose(draws.mean(), 64 / 255, atol=0.015)
   with pytest.raises(ValueError, match="needs a key"):
-    ar.binarize_images(grey, "dynamic")
+    losses.binarize_images(grey, "dynamic")
 
 
 def test_dynamic_binarization_draws_from_the_evaluation_key():
@@ -223,7 +217,7 @@ def test_class_conditioning_changes_the_likelihood():
     (dict(architecture="pixelcnnpp", image_shape=(28, 30, 1)),
      "divisible by 4"),
     (dict(kernel_size=4), "kernel_size=4"),
-    (dict(image_shape=(8, 8, 3), num_filters=2), "num_filters=2"),
+    (dict(image_shape=(8, 8, 3), width=2), "width=2"),
     (dict(dropout=1.0), "dropout=1.0"),
     (dict(num_classes=-1), "num_classes=-1"),
     (dict(image_shape=(8, 8)), "image_shape"),
@@ -239,57 +233,17 @@ def test_batch_of_the_wrong_shape_is_rejected():
     family.init(jax.random.PRNGKey(0), batch_of(np.zeros((1, 5, 4, 1))))
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(CONFIG_DIR, name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-@pytest.mark.parametrize("name,architecture", [
-    ("pixelcnn_mnist", "pixelcnn"),
-    ("gated_pixelcnn_mnist", "gated_pixelcnn"),
-    ("pixelcnnpp_cifar10", "pixelcnnpp"),
-    ("pixelcnnpp_mnist", "pixelcnnpp"),
-])
-def test_configs_build_families(name, architecture):
-  for arg in (None, "smoke"):
-    config = load_config(name, arg)
-    assert config.model.family == "pixelcnn"
-    assert config.model.architecture == architecture
-    spec = ar.parse_config(config.model)
-    ar.make(config.model)
-  if name == "pixelcnnpp_cifar10":  # The paper's hyper-parameters.
-    config = load_config(name)
-    assert (spec.num_filters, spec.num_resnet, spec.num_mixtures) == (4, 1, 2)
-    assert (config.model.num_filters, config.model.num_resnet,
-            config.model.num_mixtures, config.model.dropout) == (160, 5, 10,
-                                                                 0.5)
-    assert config.optim.ema_decay == 0.9995
-    assert config.optim.learning_rate == 1e-3
-    assert config.optim.schedule == "exponential"
-  with pytest.raises(AttributeError):
-    config.model.num_filtres = 3  # Locked: a typo fails loudly.
-
-
-def test_pixelcnn_smoke_training(tmp_path):
-  from gm_jax import train
-
-  config = load_config("pixelcnn_mnist", "smoke")
-  results = train.train_and_evaluate(config, str(tmp_path))
-  assert np.isfinite(results["nll_nats"]) and results["nll_nats"] > 0
-  np.testing.assert_allclose(results["bpd"],
-                             results["nll_nats"] / (784 * np.log(2.0)),
-                             rtol=1e-4)
-  assert os.listdir(tmp_path / "samples")
-  script_checks.assert_workdir_serves_scripts(config, str(tmp_path))
+def test_paper_config_keeps_the_paper_hyper_parameters():
+  config = config_lib.load("configs/pixelcnnpp_cifar10.py")
+  assert (config.model.width, config.model.num_resnet,
+          config.model.num_mixtures, config.model.dropout) == (160, 5, 10, 0.5)
+  assert config.optim.ema_decay == 0.9995
+  assert config.optim.learning_rate == 1e-3
+  assert config.optim.schedule == "exponential"
 
 
 def test_default_model_config_is_valid():
-  config = ar.default_model_config()
-  assert isinstance(config, ml_collections.ConfigDict)
-  spec = ar.parse_config(config)
+  spec = schema.parse(ar.PixelCNNConfig, ar.default_model_config())
   assert (spec.architecture, spec.likelihood, spec.binarize) == (
       "pixelcnn", "bernoulli", "threshold")
   assert spec.num_groups == 1 and spec.num_outputs == 1

@@ -16,13 +16,13 @@ from gm_jax import autoregressive as ar
 
 SMALL = {
     "pixelcnn": lambda **kw: ar.PixelCNN(
-        num_filters=12, num_layers=2, kernel_size=3, first_kernel_size=3,
+        width=12, num_layers=2, kernel_size=3, first_kernel_size=3,
         num_output_filters=16, **kw),
     "gated_pixelcnn": lambda **kw: ar.GatedPixelCNN(
-        num_filters=12, num_layers=3, kernel_size=3, first_kernel_size=3,
+        width=12, num_layers=3, kernel_size=3, first_kernel_size=3,
         num_output_filters=16, **kw),
     "pixelcnnpp": lambda **kw: ar.PixelCNNPlusPlus(
-        num_filters=6, num_resnet=1, dropout=0.0, **kw),
+        width=6, num_resnet=1, dropout=0.0, **kw),
 }
 
 
@@ -108,12 +108,12 @@ def test_gated_pixelcnn_has_no_blind_spot_unlike_masked_stack():
   shape = (5, 5, 1)
   h, w, _ = shape
   allowed = allowed_dependence(shape, 1)
-  gated = ar.GatedPixelCNN(num_outputs=1, num_filters=8, num_layers=4,
+  gated = ar.GatedPixelCNN(num_outputs=1, width=8, num_layers=4,
                            kernel_size=3, first_kernel_size=3,
                            num_output_filters=16)
   np.testing.assert_array_equal(dependence(gated, shape, 1), allowed)
 
-  plain = ar.PixelCNN(num_outputs=1, num_filters=8, num_layers=4,
+  plain = ar.PixelCNN(num_outputs=1, width=8, num_layers=4,
                       kernel_size=3, first_kernel_size=3,
                       num_output_filters=16)
   dep = dependence(plain, shape, 1)

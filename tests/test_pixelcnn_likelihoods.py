@@ -24,12 +24,12 @@ logistic_log_prob = jax.jit(losses.discretized_logistic_log_prob,
 
 def test_bernoulli_sums_to_one():
   logits = jnp.array([-50.0, -3.0, 0.0, 0.7, 40.0])
-  total = (jnp.exp(losses.bernoulli_log_prob(logits, jnp.zeros(5))) +
-           jnp.exp(losses.bernoulli_log_prob(logits, jnp.ones(5))))
+  total = (jnp.exp(losses.bernoulli_log_prob(jnp.zeros(5), logits)) +
+           jnp.exp(losses.bernoulli_log_prob(jnp.ones(5), logits)))
   np.testing.assert_allclose(total, 1.0, rtol=1e-6)
   # And it is the sigmoid: p(1) = 1 / (1 + e^-l).
   np.testing.assert_allclose(
-      jnp.exp(losses.bernoulli_log_prob(logits, jnp.ones(5))),
+      jnp.exp(losses.bernoulli_log_prob(jnp.ones(5), logits)),
       1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64))), rtol=1e-5)
 
 
@@ -37,7 +37,7 @@ def test_categorical_sums_to_one_over_256_levels():
   logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 256))
   levels = jnp.broadcast_to(jnp.arange(256), (4, 256))
   log_p = losses.categorical_log_prob(
-      jnp.broadcast_to(logits[:, None], (4, 256, 256)), levels)  # [4, 256]
+      levels, jnp.broadcast_to(logits[:, None], (4, 256, 256)))  # [4, 256]
   np.testing.assert_allclose(jnp.exp(log_p).sum(-1), 1.0, rtol=1e-5)
 
 
@@ -91,8 +91,8 @@ def test_mixture_sampler_matches_the_log_prob():
                              (losses.mixture_num_params(3, num_mixtures),))
   sampler = jax.jit(losses.sample_discretized_logistic_mixture,
                     static_argnums=(2, 3, 4))
-  samples = sampler(jax.random.PRNGKey(4),
-                    jnp.broadcast_to(params, (n, params.shape[0])), 3,
+  samples = sampler(jnp.broadcast_to(params, (n, params.shape[0])),
+                    jax.random.PRNGKey(4), 3,
                     num_mixtures, num_bins)  # [n, 3]
   levels = np.rint((np.asarray(samples) + 1.0) * (num_bins - 1) / 2.0)
   index = (levels @ np.array([num_bins**2, num_bins, 1])).astype(int)

@@ -36,12 +36,12 @@ def _data():
 def test_elbo_and_iwae_equal_log_marginal_with_exact_posterior():
   x = _data()
   # Every importance weight p(x, z) / q(z | x) equals p(x): exact for any k.
-  bound = vae.iwae_bound(jax.random.PRNGKey(2), x, _exact_encode,
-                         _log_likelihood, num_samples=8, chunk_size=4)
+  bound = vae.iwae_bound(_exact_encode, _log_likelihood, x,
+                         jax.random.PRNGKey(2), num_samples=8, chunk_size=4)
   np.testing.assert_allclose(bound, _log_marginal(x), rtol=1e-5)
   # The ELBO (one sample, analytic KL) equals log p(x) in expectation.
   out = jax.jit(jax.vmap(
-      lambda k: vae.elbo(k, x, _exact_encode, _log_likelihood)))(
+      lambda k: vae.elbo(_exact_encode, _log_likelihood, x, k)))(
       jax.random.split(jax.random.PRNGKey(1), 4000))
   np.testing.assert_allclose(out["elbo"].mean(0), _log_marginal(x), atol=0.05)
   np.testing.assert_allclose(out["elbo"], out["log_likelihood"] - out["kl"],
@@ -57,19 +57,19 @@ def test_iwae_tightens_with_k_and_stays_below_log_marginal():
   def mean_bound(k, seed):
     keys = jax.random.split(jax.random.PRNGKey(seed), 200)
     values = jax.jit(jax.vmap(lambda key: vae.iwae_bound(
-        key, x, poor_encode, _log_likelihood, k, min(k, 10))))(keys)
+        poor_encode, _log_likelihood, x, key, k, min(k, 10))))(keys)
     return values.mean(0)
 
   log_px = _log_marginal(x)
   b1, b10, b100 = mean_bound(1, 0), mean_bound(10, 1), mean_bound(100, 2)
   assert np.all(b1 < b10) and np.all(b10 < b100)
   assert np.all(b100 < log_px + 0.02)  # E[L_k] <= log p(x), up to MC noise
-  elbo = vae.elbo(jax.random.PRNGKey(3), x, poor_encode, _log_likelihood)
+  elbo = vae.elbo(poor_encode, _log_likelihood, x, jax.random.PRNGKey(3))
   exact_elbo = log_px - jnp.sum(  # ELBO = log p(x) - KL(q || posterior)
       losses.normal_kl(0.5 * x, 0.0, x / (1 + S**2),
                        math.log(S**2 / (1 + S**2))), axis=-1)
   draws = jax.jit(jax.vmap(lambda k: vae.elbo(
-      k, x, poor_encode, _log_likelihood)["elbo"]))(
+      poor_encode, _log_likelihood, x, k)["elbo"]))(
       jax.random.split(jax.random.PRNGKey(4), 4000))
   std_error = draws.std(0) / math.sqrt(draws.shape[0])
   assert np.all(np.abs(draws.mean(0) - exact_elbo) < 5 * std_error)
@@ -81,7 +81,7 @@ def test_iwae_chunks_are_one_logsumexp():
   def encode(x):
     return (0.4 * x, jnp.full_like(x, -0.3))
   key = jax.random.PRNGKey(5)
-  got = vae.iwae_bound(key, x, encode, _log_likelihood, 12, chunk_size=4)
+  got = vae.iwae_bound(encode, _log_likelihood, x, key, 12, chunk_size=4)
   mean, log_std = encode(x)
   weights = []
   for chunk_key in jax.random.split(key, 3):
@@ -93,7 +93,7 @@ def test_iwae_chunks_are_one_logsumexp():
   want = jax.nn.logsumexp(jnp.concatenate(weights), axis=0) - math.log(12)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   with pytest.raises(ValueError, match="multiple of chunk_size"):
-    vae.iwae_bound(key, x, encode, _log_likelihood, 10, chunk_size=4)
+    vae.iwae_bound(encode, _log_likelihood, x, key, 10, chunk_size=4)
 
 
 def test_reparameterization_carries_gradients():
@@ -102,7 +102,7 @@ def test_reparameterization_carries_gradients():
   def neg_elbo(shift):
     def encode(x):
       return (x * 0.5 + shift, jnp.zeros_like(x))
-    return -vae.elbo(jax.random.PRNGKey(0), x, encode, _log_likelihood)[
+    return -vae.elbo(encode, _log_likelihood, x, jax.random.PRNGKey(0))[
         "elbo"].sum()
 
   assert abs(float(jax.grad(neg_elbo)(0.3))) > 1e-3
@@ -110,8 +110,8 @@ def test_reparameterization_carries_gradients():
 
 def test_elbo_rejects_bad_encoder_output():
   with pytest.raises(ValueError, match=r"\[B, Z\]"):
-    vae.elbo(jax.random.PRNGKey(0), _data(), lambda x: (x, x[:, :1]),
-             _log_likelihood)
+    vae.elbo(lambda x: (x, x[:, :1]), _log_likelihood, _data(),
+             jax.random.PRNGKey(0))
 
 
 def _model_config(**overrides):
@@ -149,9 +149,15 @@ def test_family_contract(arch, likelihood, binarize, channels):
   loss, metrics = jax.jit(family.loss)(params, batch, jax.random.PRNGKey(1),
                                        jnp.int32(0))
   assert loss.shape == () and np.isfinite(loss)
-  np.testing.assert_allclose(loss, metrics["neg_elbo"], rtol=1e-6)
+  np.testing.assert_allclose(loss, metrics["neg_elbo_nats"], rtol=1e-6)
   out = jax.jit(family.evaluate)(params, batch, jax.random.PRNGKey(2))
   assert out["nll_nats"].shape == (4,)
+  # Training and evaluation name the ELBO's terms alike (curves overlay).
+  terms = {"neg_elbo_nats", "kl_nats", "recon_nll_nats"}
+  assert terms <= set(metrics) and terms <= set(out)
+  np.testing.assert_allclose(
+      out["neg_elbo_nats"], out["recon_nll_nats"] + out["kl_nats"],
+      rtol=1e-5)
   # IWAE_k with k = 4 is at least as tight as the ELBO on average.
   assert out["nll_nats"].mean() <= out["neg_elbo_nats"].mean() + 1.0
   np.testing.assert_allclose(out["bpd"],
@@ -186,9 +192,10 @@ def test_kl_warmup_and_dynamic_binarization():
     ({"architecture": "resnet"}, "architecture='resnet'"),
     ({"likelihood": "poisson"}, "likelihood='poisson'"),
     ({"likelihood": "discretized_logistic", "binarize": "dynamic"},
-     "needs the bernoulli"),
+     "binarize='dynamic' needs likelihood='bernoulli'"),
     ({"image_shape": (10, 10, 1)}, "divisible by 4"),
-    ({"iwae_samples": 5, "iwae_chunk": 2}, "multiple of"),
+    ({"iwae_samples": 5, "iwae_chunk": 2}, "iwae_samples=5 must be a"),
+    ({"laten_dim": 4}, r"Unknown config.model key\(s\) \['laten_dim'\]"),
 ])
 def test_bad_model_config_is_named(overrides, message):
   with pytest.raises(ValueError, match=message):

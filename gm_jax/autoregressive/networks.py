@@ -50,7 +50,7 @@ class PixelCNN(nn.Module):
   Attributes:
     num_outputs: parameters per group (e.g. 1 Bernoulli logit, 256 logits).
     num_groups: colour groups ordered inside a pixel (C or 1).
-    num_filters: h; the residual stream has 2h channels.
+    width: h; the residual stream has 2h channels.
     num_layers: residual blocks.
     kernel_size: k of the hidden masked convolutions.
     first_kernel_size: k1 of the type-A input convolution.
@@ -59,12 +59,12 @@ class PixelCNN(nn.Module):
   """
 
   num_outputs: int
+  width: int
+  num_layers: int
+  kernel_size: int
+  first_kernel_size: int
+  num_output_filters: int
   num_groups: int = 1
-  num_filters: int = 64
-  num_layers: int = 7
-  kernel_size: int = 3
-  first_kernel_size: int = 7
-  num_output_filters: int = 256
   num_classes: int = 0
 
   @nn.compact
@@ -73,16 +73,16 @@ class PixelCNN(nn.Module):
     """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
     del train  # No dropout.
     g, k = self.num_groups, self.kernel_size
-    h = layers.MaskedConv(2 * self.num_filters,
+    h = layers.MaskedConv(2 * self.width,
                           (self.first_kernel_size, self.first_kernel_size),
                           "A", g)(x)  # [B, H, W, 2h]
     for i in range(self.num_layers):
-      y = layers.MaskedConv(self.num_filters, (1, 1), "B", g)(jax.nn.relu(h))
-      y = layers.MaskedConv(self.num_filters, (k, k), "B", g)(jax.nn.relu(y))
-      y = layers.MaskedConv(2 * self.num_filters, (1, 1), "B", g)(
+      y = layers.MaskedConv(self.width, (1, 1), "B", g)(jax.nn.relu(h))
+      y = layers.MaskedConv(self.width, (k, k), "B", g)(jax.nn.relu(y))
+      y = layers.MaskedConv(2 * self.width, (1, 1), "B", g)(
           jax.nn.relu(y))
       h = h + y + layers.label_embedding(label, self.num_classes,
-                                         2 * self.num_filters, f"label_{i}")
+                                         2 * self.width, f"label_{i}")
     return _output_head(h, self.num_output_filters, g, self.num_outputs)
 
 
@@ -106,18 +106,18 @@ class GatedPixelCNN(nn.Module):
 
   Attributes:
     num_outputs, num_groups, num_output_filters, num_classes: as in PixelCNN.
-    num_filters: channels of each stack.
+    width: channels of each stack.
     num_layers: gated layers (the first included).
     kernel_size: k of the hidden layers; first_kernel_size of the first.
   """
 
   num_outputs: int
+  width: int
+  num_layers: int
+  kernel_size: int
+  first_kernel_size: int
+  num_output_filters: int
   num_groups: int = 1
-  num_filters: int = 64
-  num_layers: int = 8
-  kernel_size: int = 3
-  first_kernel_size: int = 7
-  num_output_filters: int = 256
   num_classes: int = 0
 
   @nn.compact
@@ -125,7 +125,7 @@ class GatedPixelCNN(nn.Module):
                train: bool = False) -> Array:
     """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
     del train  # No dropout.
-    n, g = self.num_filters, self.num_groups
+    n, g = self.width, self.num_groups
     v, h = x, x
     for i in range(self.num_layers):
       first = i == 0
@@ -203,23 +203,23 @@ class PixelCNNPlusPlus(nn.Module):
 
   Attributes:
     num_outputs, num_groups, num_classes: as in PixelCNN.
-    num_filters: channels of both streams (160 in the paper).
+    width: channels of both streams (160 in the paper).
     num_resnet: gated residual blocks per stage (5 in the paper).
     dropout: dropout rate inside the residual blocks (0.5 in the paper).
   """
 
   num_outputs: int
+  width: int
+  num_resnet: int
+  dropout: float
   num_groups: int = 1
-  num_filters: int = 160
-  num_resnet: int = 5
-  dropout: float = 0.5
   num_classes: int = 0
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
                train: bool = False) -> Array:
     """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
-    nf = self.num_filters
+    nf = self.width
 
     def block(shift):
       return GatedResnet(shift, self.dropout, self.num_classes)

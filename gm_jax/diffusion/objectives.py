@@ -114,7 +114,8 @@ def p_mean_from_eps(schedule: Schedule, x_t: Array, t: Array, eps: Array,
 
 def vlb_term(eps_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
              noise: Array, variance: str = "fixed_small",
-             clip_x0: bool = False, num_bins: int = 256) -> Array:
+             clip_x0: bool = False,
+             num_bins: int = losses.PIXEL_VALUES) -> Array:
   """One term of the bound at x_t = q_sample(x0, t, noise), in nats: [B].
 
   t >= 1: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), both Gaussians,
@@ -172,7 +173,8 @@ def timestep_strata(num_timesteps: int,
 def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
                       key: Array, num_eval_timesteps: int = 0,
                       variance: str = "fixed_small", clip_x0: bool = False,
-                      num_bins: int = 256) -> dict[str, Array]:
+                      num_bins: int = losses.PIXEL_VALUES
+                      ) -> dict[str, Array]:
   """The DDPM variational bound on -log p(x_0) in nats, per example.
 
   -log p(x_0) <= L_T + sum_{t=1}^{T-1} L_t + L_0 with

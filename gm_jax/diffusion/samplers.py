@@ -1,8 +1,9 @@
 """Samplers of a Gaussian diffusion, as pure functions of an ``eps_fn``.
 
 Both run a ``lax.scan`` over a decreasing subsequence tau_{S-1} > ... > tau_0
-of the T training timesteps (``sampling_timesteps``: evenly spaced, always
-including T - 1 and 0; S = T gives every step). Write a = abar_{tau_i} and
+of the T training timesteps (``sampling_timesteps``, spaced by
+``timestep_spacing``: "linspace" by default, evenly spaced and including
+T - 1 and 0; S = T gives every step). Write a = abar_{tau_i} and
 a' = abar_{tau_{i-1}} (a' = 1 after the last step), x0_hat = (x - sqrt(1 - a)
 eps) / sqrt(a) with eps = eps_fn(x, tau_i) (optionally clipped to [-1, 1],
 eps then recomputed from the clipped x0_hat).
@@ -35,28 +36,53 @@ from gm_jax.diffusion.schedules import VARIANCES, Schedule
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
 
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
-def sampling_timesteps(num_timesteps: int,
-                       num_steps: Optional[int] = None) -> np.ndarray:
-  """Evenly spaced increasing timesteps round(linspace(0, T-1, S)): [S] int32.
+
+def sampling_timesteps(num_timesteps: int, num_steps: Optional[int] = None,
+                       spacing: str = "linspace") -> np.ndarray:
+  """The S increasing timesteps a respaced sampler visits: [S] int32.
+
+  With T = num_timesteps and S = num_steps (the conventions of the DDIM
+  paper's code and of diffusers' ``timestep_spacing``):
+
+  * "linspace": round(linspace(0, T - 1, S)); both ends included (S = 1:
+    T - 1 alone).
+  * "leading": k * floor(T / S) for k = 0..S-1, from 0 up; the top can
+    stop well short of T - 1 (DDIM's "uniform" skip).
+  * "trailing": round(T - k T / S) - 1 for k = 0..S-1, from T - 1 down; the
+    lowest is about T / S - 1.
+
+  Every grid has S distinct steps in 0..T-1, and S = T gives 0..T-1.
 
   Args:
     num_timesteps: T.
-    num_steps: S in 1..T; None or T gives 0..T-1.
+    num_steps: S in 1..T; None means T.
+    spacing: "linspace", "leading" or "trailing".
   """
   num_steps = num_timesteps if num_steps is None else num_steps
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps={num_steps} must be in 1..{num_timesteps}"
                      " (the number of training timesteps).")
-  if num_steps == 1:
-    return np.array([num_timesteps - 1], np.int32)
-  return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(
-      np.int32)
+  if spacing == "linspace":
+    if num_steps == 1:
+      return np.array([num_timesteps - 1], np.int32)
+    steps = np.round(np.linspace(0, num_timesteps - 1, num_steps))
+  elif spacing == "leading":
+    steps = np.arange(num_steps) * (num_timesteps // num_steps)
+  elif spacing == "trailing":
+    k = np.arange(num_steps)[::-1]
+    steps = np.round(num_timesteps - k * num_timesteps / num_steps) - 1
+  else:
+    raise ValueError(f"Unknown timestep spacing {spacing!r}; expected one of"
+                     f" {TIMESTEP_SPACINGS}.")
+  return steps.astype(np.int32)
 
 
-def _respaced_tables(schedule: Schedule, num_steps: Optional[int]):
+def _respaced_tables(schedule: Schedule, num_steps: Optional[int],
+                     spacing: str):
   """abar and abar_prev along the respaced chain, each [S] float32."""
-  timesteps = sampling_timesteps(schedule.num_timesteps, num_steps)
+  timesteps = sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
   abar = schedule.alphas_cumprod[timesteps]
   abar_prev = jnp.concatenate([jnp.ones((1,), abar.dtype), abar[:-1]])
   return jnp.asarray(timesteps), abar, abar_prev
@@ -76,9 +102,10 @@ def _predict(eps_fn: EpsFn, x: Array, t: Array, abar: Array,
 
 
 def _run(step_fn, schedule: Schedule, key: Array, shape: Sequence[int],
-         num_steps: Optional[int], x_T: Optional[Array]) -> Array:
+         num_steps: Optional[int], x_T: Optional[Array],
+         spacing: str) -> Array:
   """Scans ``step_fn(x, t, abar, abar_prev, noise, is_last)`` from T down."""
-  timesteps, abar, abar_prev = _respaced_tables(schedule, num_steps)
+  timesteps, abar, abar_prev = _respaced_tables(schedule, num_steps, spacing)
   keys = jax.random.split(key, timesteps.shape[0] + 1)
   x = (jax.random.normal(keys[0], tuple(shape), jnp.float32)
        if x_T is None else x_T.astype(jnp.float32))
@@ -98,7 +125,8 @@ def _run(step_fn, schedule: Schedule, key: Array, shape: Sequence[int],
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
                 shape: Sequence[int], num_steps: Optional[int] = None,
                 variance: str = "fixed_small", clip_x0: bool = False,
-                x_T: Optional[Array] = None) -> Array:
+                x_T: Optional[Array] = None,
+                timestep_spacing: str = "linspace") -> Array:
   """Ancestral sampling (DDPM Algorithm 2, respaced to ``num_steps``).
 
   Args:
@@ -110,6 +138,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
     variance: "fixed_small" (posterior variance) or "fixed_large" (beta).
     clip_x0: clip the predicted x_0 to [-1, 1] at every step.
     x_T: optional [B, ...] start; None draws N(0, I) from the key.
+    timestep_spacing: the respaced steps, see ``sampling_timesteps``.
 
   Returns:
     [B, ...] float32 samples in data space.
@@ -130,13 +159,14 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
     mean = coef1 * x0 + coef2 * x
     return jnp.where(is_last, mean, mean + jnp.sqrt(var) * noise)
 
-  return _run(step, schedule, key, shape, num_steps, x_T)
+  return _run(step, schedule, key, shape, num_steps, x_T, timestep_spacing)
 
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
                 shape: Sequence[int], num_steps: Optional[int] = 50,
                 eta: float = 0.0, clip_x0: bool = False,
-                x_T: Optional[Array] = None) -> Array:
+                x_T: Optional[Array] = None,
+                timestep_spacing: str = "linspace") -> Array:
   """DDIM (Song et al., 2021) with ``num_steps`` steps and stochasticity eta.
 
   Args:
@@ -148,6 +178,8 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
     eta: 0 for the deterministic sampler, 1 for the DDPM posterior variance.
     clip_x0: clip the predicted x_0 to [-1, 1] at every step.
     x_T: optional [B, ...] start; None draws N(0, I) from the key.
+    timestep_spacing: "linspace" (evenly spaced, both ends), "leading" or
+      "trailing"; see ``sampling_timesteps``.
 
   Returns:
     [B, ...] float32 samples in data space.
@@ -161,4 +193,4 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
     direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
     return jnp.sqrt(a_prev) * x0 + direction + sigma * noise
 
-  return _run(step, schedule, key, shape, num_steps, x_T)
+  return _run(step, schedule, key, shape, num_steps, x_T, timestep_spacing)

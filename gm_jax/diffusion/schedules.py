@@ -87,7 +87,7 @@ class Schedule(NamedTuple):
     return self.betas.shape[0]
 
 
-def make_schedule(betas: np.ndarray) -> Schedule:
+def schedule_from_betas(betas: np.ndarray) -> Schedule:
   """Derives every table of a ``Schedule`` from its betas.
 
   Args:
@@ -98,10 +98,10 @@ def make_schedule(betas: np.ndarray) -> Schedule:
   """
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.shape[0] < 2:
-    raise ValueError(f"make_schedule: betas must be [T] with T >= 2, got"
+    raise ValueError(f"schedule_from_betas: betas must be [T] with T >= 2, got"
                      f" shape {betas.shape}.")
   if np.any(betas <= 0) or np.any(betas > 1):
-    raise ValueError("make_schedule: betas must lie in (0, 1].")
+    raise ValueError("schedule_from_betas: betas must lie in (0, 1].")
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
   abar_prev = np.append(1.0, abar[:-1])
@@ -125,13 +125,18 @@ def make_schedule(betas: np.ndarray) -> Schedule:
   return Schedule(**{k: jnp.asarray(v, jnp.float32) for k, v in tables.items()})
 
 
-def get_schedule(name: str, num_timesteps: int = 1000,
-                 beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
-  """Builds the "linear" (DDPM) or "cosine" (improved DDPM) schedule."""
+def noise_schedule(name: str, num_timesteps: int = 1000,
+                   beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+  """Builds the "linear" (DDPM) or "cosine" (improved DDPM) schedule.
+
+  ``beta_start`` and ``beta_end`` are the linear schedule's; any other
+  betas make a schedule with ``schedule_from_betas``.
+  """
   if name == "linear":
-    return make_schedule(linear_betas(num_timesteps, beta_start, beta_end))
+    return schedule_from_betas(
+        linear_betas(num_timesteps, beta_start, beta_end))
   if name == "cosine":
-    return make_schedule(cosine_betas(num_timesteps))
+    return schedule_from_betas(cosine_betas(num_timesteps))
   raise ValueError(f"Unknown schedule {name!r}; expected one of {SCHEDULES}.")
 
 

@@ -1,15 +1,15 @@
 """The DDPM U-Net (Ho et al., 2020, Appendix B) in Flax.
 
-conv_in -> for each level (channels ch * ch_mult[i]): num_res_blocks ResNet
+conv_in -> for each level (channels width * width_mult[i]): num_res_blocks ResNet
 blocks (+ self-attention where the resolution is in attn_resolutions), then
 a strided-conv downsample except at the last level -> middle (ResNet,
 attention, ResNet) -> the mirror image going up, with num_res_blocks + 1
 blocks per level, each taking the matching skip activation concatenated on
 the channels, and nearest + conv upsampling -> GroupNorm, swish, conv_out
 (zero-initialised). The timestep enters every ResNet block through a
-sinusoidal embedding of width ch and a two-layer MLP of width 4 ch.
+sinusoidal embedding of size width and a two-layer MLP of width 4 width.
 
-With ch 128, ch_mult (1, 2, 2, 2), 2 blocks and attention at 16x16 on 32x32x3
+With width 128, width_mult (1, 2, 2, 2), 2 blocks and attention at 16x16 on 32x32x3
 images this has 35.75M parameters, the paper's 35.7M CIFAR-10 model.
 """
 
@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gm_jax import layers
+from gm_jax.diffusion import layers
 
 Array = jax.Array
 
@@ -31,8 +31,9 @@ class UNet(nn.Module):
   """DDPM's noise-prediction U-Net.
 
   Attributes:
-    ch: base channel count.
-    ch_mult: per-level channel multipliers; len(ch_mult) - 1 downsamplings.
+    width: base channel count.
+    width_mult: per-level channel multipliers; len(width_mult) - 1
+      downsamplings.
     num_res_blocks: ResNet blocks per level on the way down.
     attn_resolutions: spatial sizes (H) at which to add self-attention.
     dropout: dropout rate in the ResNet blocks (training only).
@@ -45,8 +46,8 @@ class UNet(nn.Module):
     dtype: computation dtype ("bfloat16" compute keeps float32 params).
   """
 
-  ch: int = 128
-  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  width: int = 128
+  width_mult: Sequence[int] = (1, 2, 2, 2)
   num_res_blocks: int = 2
   attn_resolutions: Sequence[int] = (16,)
   dropout: float = 0.1
@@ -72,12 +73,12 @@ class UNet(nn.Module):
     Returns:
       [B, H, W, out_channels] float32.
     """
-    num_levels = len(self.ch_mult)
+    num_levels = len(self.width_mult)
     factor = 2 ** (num_levels - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(
           f"UNet: image size {x.shape[1:3]} must be divisible by 2^(levels-1)"
-          f" = {factor} for ch_mult={tuple(self.ch_mult)}.")
+          f" = {factor} for width_mult={tuple(self.width_mult)}.")
     resblock = lambda out_ch, name: layers.ResnetBlock(  # noqa: E731
         out_ch, self.dropout, self.num_groups, dtype=self.dtype, name=name)
     attn = lambda name: layers.AttentionBlock(  # noqa: E731
@@ -85,22 +86,22 @@ class UNet(nn.Module):
     dense = lambda n, name: nn.Dense(  # noqa: E731
         n, kernel_init=layers.default_init, dtype=self.dtype, name=name)
 
-    emb = layers.sinusoidal_embedding(t, self.ch)  # [B, ch]
-    emb = dense(4 * self.ch, "temb_dense0")(emb.astype(self.dtype))
+    emb = layers.sinusoidal_embedding(t, self.width)  # [B, width]
+    emb = dense(4 * self.width, "temb_dense0")(emb.astype(self.dtype))
     if self.num_classes > 0:
       if y is None:
         y = jnp.full(t.shape, self.num_classes, jnp.int32)
-      emb = emb + nn.Embed(self.num_classes + 1, 4 * self.ch,
+      emb = emb + nn.Embed(self.num_classes + 1, 4 * self.width,
                            dtype=self.dtype, name="label_emb")(y)
-    emb = dense(4 * self.ch, "temb_dense1")(nn.swish(emb))  # [B, 4ch]
+    emb = dense(4 * self.width, "temb_dense1")(nn.swish(emb))  # [B, 4 width]
 
-    h = nn.Conv(self.ch, (3, 3), padding="SAME",
+    h = nn.Conv(self.width, (3, 3), padding="SAME",
                 kernel_init=layers.default_init, dtype=self.dtype,
                 name="conv_in")(x.astype(self.dtype))
     skips = [h]
-    for level, mult in enumerate(self.ch_mult):
+    for level, mult in enumerate(self.width_mult):
       for block in range(self.num_res_blocks):
-        h = resblock(self.ch * mult, f"down{level}_block{block}")(
+        h = resblock(self.width * mult, f"down{level}_block{block}")(
             h, emb, train=train)
         if h.shape[1] in self.attn_resolutions:
           h = attn(f"down{level}_attn{block}")(h)
@@ -117,7 +118,7 @@ class UNet(nn.Module):
     for level in reversed(range(num_levels)):
       for block in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = resblock(self.ch * self.ch_mult[level], f"up{level}_block{block}")(
+        h = resblock(self.width * self.width_mult[level], f"up{level}_block{block}")(
             h, emb, train=train)
         if h.shape[1] in self.attn_resolutions:
           h = attn(f"up{level}_attn{block}")(h)

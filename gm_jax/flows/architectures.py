@@ -23,7 +23,7 @@ Array = jax.Array
 Shape = Tuple[int, int, int]
 
 
-class MultiScaleFlow(nn.Module):
+class MultiScaleFlow(bj.Bijector):
   """Stages of (squeeze?, steps, split?) from an image to a flat latent.
 
   Forward: for each stage, squeeze if ``squeeze_before[i]``, run
@@ -106,9 +106,19 @@ class MultiScaleFlow(nn.Module):
     return h, log_det
 
 
-def glow_step(index: int, channels_hidden: int, coupling: str, scale_fn: str,
-              permutation: str, num_res_blocks: int = 0, num_bins: int = 8,
-              spline_bound: float = 3.0) -> bj.Chain:
+def _coupling(mask: str, parity: int, coupling: str, scale_fn: str,
+              width: int, num_res_blocks: int, spline_bins: int,
+              spline_bound: float) -> bj.Coupling:
+  return bj.Coupling(kind=coupling, mask=mask, parity=parity,
+                     scale_fn=scale_fn, width=width,
+                     num_res_blocks=num_res_blocks, spline_bins=spline_bins,
+                     spline_bound=spline_bound)
+
+
+def glow_step(index: int, width: int, coupling: str, scale_fn: str,
+              permutation: str, num_res_blocks: int = 0, spline_bins: int = 8,
+              spline_bound: float = 3.0,
+              actnorm_data_init: bool = True) -> bj.Chain:
   """One Glow step: actnorm, invertible 1x1 conv (or a fixed permutation),
   channel-mask coupling. ``index`` seeds the fixed parts."""
   if permutation in bj.CONV_PARAMETERIZATIONS:
@@ -116,29 +126,44 @@ def glow_step(index: int, channels_hidden: int, coupling: str, scale_fn: str,
   else:
     mixer = bj.ChannelPermutation(kind=permutation, seed=index)
   return bj.Chain([
-      bj.ActNorm(),
+      bj.ActNorm(data_init=actnorm_data_init),
       mixer,
-      bj.Coupling(kind=coupling, mask="channel", parity=0, scale_fn=scale_fn,
-                  hidden_channels=channels_hidden,
-                  num_res_blocks=num_res_blocks, num_bins=num_bins,
-                  spline_bound=spline_bound),
+      _coupling("channel", 0, coupling, scale_fn, width, num_res_blocks,
+                spline_bins, spline_bound),
   ])
 
 
-def build_glow(image_shape: Shape, num_levels: int, num_steps: int,
-               hidden_channels: int, coupling: str = "affine",
+def build_glow(image_shape: Shape, num_levels: int, steps_per_level: int,
+               width: int, coupling: str = "affine",
                scale_fn: str = "sigmoid", permutation: str = "lu",
                learned_split_prior: bool = True,
-               num_res_blocks: int = 0, num_bins: int = 8,
-               spline_bound: float = 3.0) -> MultiScaleFlow:
+               num_res_blocks: int = 0, spline_bins: int = 8,
+               spline_bound: float = 3.0,
+               actnorm_data_init: bool = True) -> MultiScaleFlow:
   """Glow: L levels of (squeeze, K x [actnorm, 1x1 conv, coupling], split),
-  the last level without the split. Needs H, W divisible by 2^L."""
+  the last level without the split. Needs H, W divisible by 2^L.
+
+  Args:
+    image_shape: (H, W, C) of the input.
+    num_levels: L.
+    steps_per_level: K.
+    width: channels of the coupling conditioners.
+    coupling, scale_fn, num_res_blocks, spline_bins, spline_bound: the
+      couplings (see ``bijectors.Coupling``).
+    permutation: "lu" or "plain" (invertible 1x1 convolutions), "shuffle"
+      or "reverse" (fixed permutations).
+    learned_split_prior: factor out with a ``GaussianSplit`` (a learned
+      conditional prior) rather than under a standard normal.
+    actnorm_data_init: initialise every actnorm from the statistics of the
+      init batch (Glow), or as the identity.
+  """
   stages, splits = [], []
   for level in range(num_levels):
     stages.append(bj.Chain([
-        glow_step(level * num_steps + k, hidden_channels, coupling, scale_fn,
-                  permutation, num_res_blocks, num_bins, spline_bound)
-        for k in range(num_steps)]))
+        glow_step(level * steps_per_level + k, width, coupling, scale_fn,
+                  permutation, num_res_blocks, spline_bins, spline_bound,
+                  actnorm_data_init)
+        for k in range(steps_per_level)]))
     last = level == num_levels - 1
     splits.append(None if last or not learned_split_prior
                   else bj.GaussianSplit())
@@ -148,55 +173,51 @@ def build_glow(image_shape: Shape, num_levels: int, num_steps: int,
       split_after=[level < num_levels - 1 for level in range(num_levels)])
 
 
-def _realnvp_couplings(num: int, mask: str, hidden_channels: int,
-                       num_res_blocks: int, coupling: str, scale_fn: str,
-                       actnorm: bool, num_bins: int,
-                       spline_bound: float) -> bj.Chain:
+def _realnvp_couplings(num: int, mask: str, actnorm: bool,
+                       actnorm_data_init: bool, **coupling_args) -> bj.Chain:
   """``num`` couplings with alternating parity, each followed by actnorm
   (RealNVP's batch norm, as a data-initialised affine)."""
   layers = []
   for k in range(num):
-    layers.append(bj.Coupling(kind=coupling, mask=mask, parity=k % 2,
-                              scale_fn=scale_fn,
-                              hidden_channels=hidden_channels,
-                              num_res_blocks=num_res_blocks,
-                              num_bins=num_bins, spline_bound=spline_bound))
+    layers.append(_coupling(mask, k % 2, **coupling_args))
     if actnorm:
-      layers.append(bj.ActNorm())
+      layers.append(bj.ActNorm(data_init=actnorm_data_init))
   return bj.Chain(layers)
 
 
-def build_realnvp(image_shape: Shape, num_levels: int, num_steps: int,
-                  hidden_channels: int, num_res_blocks: int = 2,
+def build_realnvp(image_shape: Shape, num_levels: int, steps_per_level: int,
+                  width: int, num_res_blocks: int = 2,
                   coupling: str = "affine", scale_fn: str = "tanh",
                   actnorm: bool = True,
-                  learned_split_prior: bool = False, num_bins: int = 8,
-                  spline_bound: float = 3.0) -> MultiScaleFlow:
+                  learned_split_prior: bool = False, spline_bins: int = 8,
+                  spline_bound: float = 3.0,
+                  actnorm_data_init: bool = True) -> MultiScaleFlow:
   """RealNVP's multi-scale architecture.
 
-  Each of the first L - 1 scales: ``num_steps`` checkerboard couplings,
-  squeeze, ``num_steps`` channel couplings, then factor out half the
-  channels. The last scale: ``num_steps + 1`` checkerboard couplings (the
-  paper's 3, 3 and 4). Needs H, W divisible by 2^(L - 1).
+  Each of the first L - 1 scales: ``steps_per_level`` checkerboard
+  couplings, squeeze, ``steps_per_level`` channel couplings, then factor out
+  half the channels. The last scale: ``steps_per_level + 1`` checkerboard
+  couplings (the paper's 3, 3 and 4). Needs H, W divisible by 2^(L - 1).
+  The arguments are those of ``build_glow``, and ``actnorm``: an actnorm
+  after every coupling.
   """
+  def couplings(num, mask):
+    return _realnvp_couplings(
+        num, mask, actnorm, actnorm_data_init, coupling=coupling,
+        scale_fn=scale_fn, width=width, num_res_blocks=num_res_blocks,
+        spline_bins=spline_bins, spline_bound=spline_bound)
+
   stages, squeeze_before, splits, split_after = [], [], [], []
   for _ in range(num_levels - 1):
-    stages.append(_realnvp_couplings(num_steps, "checkerboard",
-                                     hidden_channels, num_res_blocks,
-                                     coupling, scale_fn, actnorm, num_bins,
-                                     spline_bound))
+    stages.append(couplings(steps_per_level, "checkerboard"))
     squeeze_before.append(False)
     splits.append(None)
     split_after.append(False)
-    stages.append(_realnvp_couplings(num_steps, "channel", hidden_channels,
-                                     num_res_blocks, coupling, scale_fn,
-                                     actnorm, num_bins, spline_bound))
+    stages.append(couplings(steps_per_level, "channel"))
     squeeze_before.append(True)
     splits.append(bj.GaussianSplit() if learned_split_prior else None)
     split_after.append(True)
-  stages.append(_realnvp_couplings(num_steps + 1, "checkerboard",
-                                   hidden_channels, num_res_blocks, coupling,
-                                   scale_fn, actnorm, num_bins, spline_bound))
+  stages.append(couplings(steps_per_level + 1, "checkerboard"))
   squeeze_before.append(False)
   splits.append(None)
   split_after.append(False)

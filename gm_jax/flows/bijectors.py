@@ -2,18 +2,21 @@
 
 The protocol
 ------------
-A bijector is a ``flax.linen.Module`` with two methods::
+A bijector is a ``Bijector``, a ``flax.linen.Module`` with two methods::
 
   forward_and_log_det(x) -> (y, log_det)   # data side -> latent side
   inverse_and_log_det(y) -> (x, log_det)
+
+Calling it runs the forward direction, so ``bijector.apply(variables, x)``
+and ``bijector.init(key, x)`` need no ``method=``.
 
 ``x`` and ``y`` are batched arrays ``[B, ...]`` (their shapes may differ, e.g.
 ``Squeeze``); ``log_det`` is per example, shape ``[B]``:
 ``log|det dy/dx|`` for the forward and ``log|det dx/dy|`` for the inverse, so
 ``inverse_and_log_det(forward(x))`` returns ``x`` and ``-log_det``. "Forward"
 is the normalising direction (data to the Gaussian base), the one training
-uses; sampling runs the inverse. To add a bijector, write a module with these
-two methods; parameters that both directions need are best created in one
+uses; sampling runs the inverse. To add a bijector, subclass ``Bijector``
+and write these two methods; parameters that both directions need are best created in one
 ``@nn.compact`` helper that both methods call (see ``ActNorm``), or in
 ``setup``. ``Chain`` composes bijectors and sums their log-dets.
 
@@ -27,7 +30,7 @@ convolution in LU form (W = P L (U + diag(s))). Nothing calls
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -36,7 +39,7 @@ import numpy as np
 import scipy.linalg
 
 from gm_jax.flows import splines
-from gm_jax.losses import sum_except_batch
+from gm_jax.losses import PIXEL_VALUES, sum_except_batch
 
 Array = jax.Array
 
@@ -47,14 +50,20 @@ CONV_PARAMETERIZATIONS = ("lu", "plain")
 PERMUTATIONS = ("reverse", "shuffle")
 
 
-class Bijector(Protocol):
-  """The bijector protocol (structural; Flax modules implement it)."""
+class Bijector(nn.Module):
+  """The base of every bijector: the two directions, and ``__call__``."""
 
   def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
     """Returns y = f(x) [B, ...] and log|det df/dx| [B]."""
+    raise NotImplementedError
 
   def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
     """Returns x = f^-1(y) [B, ...] and log|det df^-1/dy| [B]."""
+    raise NotImplementedError
+
+  def __call__(self, x: Array) -> Tuple[Array, Array]:
+    """The forward direction: ``forward_and_log_det(x)``."""
+    return self.forward_and_log_det(x)
 
 
 def _batch_constant(value: Array, batch_size: int) -> Array:
@@ -79,7 +88,7 @@ def _random_orthogonal(seed: int, n: int) -> np.ndarray:
 # Composition.
 
 
-class Chain(nn.Module):
+class Chain(Bijector):
   """Composition: forward applies ``layers`` in order, inverse in reverse.
 
   log|det d(f_n o ... o f_1)/dx| = sum_i log|det df_i/dx_i| (chain rule).
@@ -106,7 +115,7 @@ class Chain(nn.Module):
 # Preprocessing: dequantization, scaling, logit.
 
 
-class UniformDequantize(nn.Module):
+class UniformDequantize(Bijector):
   """Adds uniform noise to integer levels: y = x + u, u ~ U[0, 1)^D.
 
   Not a bijection of the reals but of the discrete data onto its bins: the
@@ -117,9 +126,14 @@ class UniformDequantize(nn.Module):
   from the Flax rng stream ``"dequantize"``.
   """
 
-  num_bins: int = 256
+  num_bins: int = PIXEL_VALUES
 
   def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+    if not self.has_rng("dequantize"):
+      raise ValueError(
+          "UniformDequantize draws its noise from the rng stream"
+          " 'dequantize': pass a key (flow_log_prob(..., key=key), or"
+          " rngs={'dequantize': key} to apply / init).")
     u = jax.random.uniform(self.make_rng("dequantize"), x.shape, jnp.float32)
     return x.astype(jnp.float32) + u, jnp.zeros((x.shape[0],), jnp.float32)
 
@@ -128,7 +142,7 @@ class UniformDequantize(nn.Module):
     return x, jnp.zeros((y.shape[0],), jnp.float32)
 
 
-class ScalarAffine(nn.Module):
+class ScalarAffine(Bijector):
   """y = scale * x + shift element-wise with constants; log-det = D log|scale|.
 
   With scale = 1 / 256 this maps dequantized levels [0, 256) to [0, 1) and
@@ -151,7 +165,7 @@ class ScalarAffine(nn.Module):
             jnp.full((y.shape[0],), log_det, jnp.float32))
 
 
-class Logit(nn.Module):
+class Logit(Bijector):
   """RealNVP's logit transform of data in [0, 1].
 
   p = alpha + (1 - 2 alpha) x keeps away from 0 and 1, then y = log p -
@@ -194,7 +208,7 @@ def unsqueeze2x2(y: Array) -> Array:
   return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c // 4)
 
 
-class Squeeze(nn.Module):
+class Squeeze(Bijector):
   """Space to depth as a bijector (a permutation: log-det 0)."""
 
   def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
@@ -204,7 +218,7 @@ class Squeeze(nn.Module):
     return unsqueeze2x2(y), jnp.zeros((y.shape[0],), jnp.float32)
 
 
-class ChannelPermutation(nn.Module):
+class ChannelPermutation(Bijector):
   """A fixed channel permutation: ``"reverse"`` or a seeded ``"shuffle"``.
 
   Glow's baselines for the 1x1 convolution; log-det 0.
@@ -235,17 +249,21 @@ class ChannelPermutation(nn.Module):
 # Actnorm and the invertible 1x1 convolution.
 
 
-class ActNorm(nn.Module):
+class ActNorm(Bijector):
   """Glow's activation normalisation: y = (x + b) * exp(log_s) per channel.
 
-  Data-dependent initialisation: the first call (inside ``init``) sets
-  b = -mean and log_s = -log std of the incoming batch per channel (over
-  batch and space), so the output starts at zero mean and unit variance.
-  Under ``jax.jit`` with a sharded batch these means are over the global
-  batch. log-det = H * W * sum_c log_s_c.
+  Data-dependent initialisation (``data_init``, the default): the first
+  call (inside ``init``) sets b = -mean and log_s = -log std of the incoming
+  batch per channel (over batch and space), so the output starts at zero
+  mean and unit variance. The batch given to ``init`` is the one used, so
+  an initialisation batch of its own only needs its own ``init`` call; under
+  ``jax.jit`` with a sharded batch these means are over the global batch.
+  Without ``data_init`` the layer starts as the identity (b = 0,
+  log_s = 0). log-det = H * W * sum_c log_s_c.
   """
 
   eps: float = 1e-6
+  data_init: bool = True
 
   @nn.compact
   def _parameters(self, x: Array) -> Tuple[Array, Array]:
@@ -262,6 +280,8 @@ class ActNorm(nn.Module):
       variance = jnp.mean(jnp.square(x - mean), axis=axes)
       return -0.5 * jnp.log(variance + self.eps)
 
+    if not self.data_init:
+      init_bias = init_log_scale = nn.initializers.zeros
     num_channels = x.shape[-1]
     bias = self.param("bias", init_bias, (num_channels,))
     log_scale = self.param("log_scale", init_log_scale, (num_channels,))
@@ -283,7 +303,7 @@ def _apply_channel_matrix(x: Array, w: Array) -> Array:
   return jnp.einsum("...j,ij->...i", x, w)
 
 
-class Invertible1x1Conv(nn.Module):
+class Invertible1x1Conv(Bijector):
   """Glow's invertible 1x1 convolution, y = W x at every position.
 
   ``"lu"``: W = P L (U + diag(sign * exp(log_s))) with P a fixed
@@ -364,17 +384,17 @@ class ConvNet(nn.Module):
   """
 
   out_channels: int
-  hidden_channels: int = 64
+  width: int = 64
   num_res_blocks: int = 0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.Conv(self.hidden_channels, (3, 3))(x)
+    h = nn.Conv(self.width, (3, 3))(x)
     if self.num_res_blocks == 0:
-      h = nn.Conv(self.hidden_channels, (1, 1))(nn.relu(h))
+      h = nn.Conv(self.width, (1, 1))(nn.relu(h))
     for _ in range(self.num_res_blocks):
-      r = nn.Conv(self.hidden_channels, (3, 3))(nn.relu(h))
-      r = nn.Conv(self.hidden_channels, (3, 3))(nn.relu(r))
+      r = nn.Conv(self.width, (3, 3))(nn.relu(h))
+      r = nn.Conv(self.width, (3, 3))(nn.relu(r))
       h = h + r
     return nn.Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.zeros)(nn.relu(h))
@@ -402,7 +422,7 @@ def bounded_log_scale(raw: Array, scale_fn: str,
   raise ValueError(f"scale_fn={scale_fn!r}, expected one of {SCALE_FNS}.")
 
 
-class Coupling(nn.Module):
+class Coupling(Bijector):
   """Additive (NICE), affine (RealNVP) or rational-quadratic spline (NSF)
   coupling with a channel or checkerboard mask.
 
@@ -421,17 +441,17 @@ class Coupling(nn.Module):
       row + col + parity).
     parity: 0 or 1, which half is kept.
     scale_fn: ``"sigmoid"`` or ``"tanh"``, see ``bounded_log_scale``.
-    hidden_channels, num_res_blocks: the conditioner, see ``ConvNet``.
-    num_bins, spline_bound: the spline's K bins on [-bound, bound].
+    width, num_res_blocks: the conditioner, see ``ConvNet``.
+    spline_bins, spline_bound: the spline's K bins on [-bound, bound].
   """
 
   kind: str = "affine"
   mask: str = "channel"
   parity: int = 0
   scale_fn: str = "sigmoid"
-  hidden_channels: int = 64
+  width: int = 64
   num_res_blocks: int = 0
-  num_bins: int = 8
+  spline_bins: int = 8
   spline_bound: float = 3.0
 
   def _params_per_element(self) -> int:
@@ -440,7 +460,7 @@ class Coupling(nn.Module):
     if self.kind == "additive":
       return 1
     if self.kind == "spline":
-      return splines.spline_num_params(self.num_bins)
+      return splines.spline_num_params(self.spline_bins)
     raise ValueError(
         f"Coupling kind={self.kind!r}, expected one of {COUPLING_KINDS}.")
 
@@ -449,7 +469,7 @@ class Coupling(nn.Module):
                    num_out: int) -> Tuple[Array, Optional[Array]]:
     """NN(kept) -> raw parameters [..., num_out, P], tanh scale or None."""
     per_element = self._params_per_element()
-    h = ConvNet(per_element * num_out, self.hidden_channels,
+    h = ConvNet(per_element * num_out, self.width,
                 self.num_res_blocks, name="conditioner")(kept)
     tanh_scale = None
     if self.kind == "affine" and self.scale_fn == "tanh":
@@ -512,7 +532,7 @@ class Coupling(nn.Module):
 # The multi-scale split.
 
 
-class GaussianSplit(nn.Module):
+class GaussianSplit(Bijector):
   """Glow's split with a learned conditional prior, as a bijector.
 
   Splits the channels into h1 = x[..., :C//2] (kept, goes on to the next

@@ -1,10 +1,9 @@
-"""Shared Flax building blocks: time embeddings, ResNet blocks, attention.
+"""The U-Net's Flax blocks: time embeddings, ResNet blocks, attention.
 
-The blocks follow the DDPM U-Net (Ho et al., 2020), written generally enough
-for any family that needs them:
+The blocks of the DDPM U-Net (Ho et al., 2020):
 
 * ``sinusoidal_embedding``: the Transformer position encoding of a scalar
-  (a diffusion timestep, a flow level, ...).
+  (a diffusion timestep).
 * ``ResnetBlock``: GroupNorm -> swish -> conv -> (+ projected conditioning)
   -> GroupNorm -> swish -> dropout -> conv, plus a (1x1) shortcut.
 * ``AttentionBlock``: GroupNorm then multi-head self-attention over all

@@ -1,4 +1,4 @@
-"""Shared Flax blocks: embeddings, ResNet/attention blocks, resampling."""
+"""The U-Net's Flax blocks: embeddings, ResNet/attention blocks, resampling."""
 
 import math
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gm_jax import layers
+from gm_jax.diffusion import layers
 
 
 def test_sinusoidal_embedding_formula():

@@ -1,0 +1,255 @@
+"""Gaussian diffusion (DDPM / improved DDPM / DDIM) as a gm_jax family.
+
+``make(model_config)`` builds the Family from the ``DiffusionConfig``:
+
+* ``loss``: L_simple (eps, x0 or v prediction) at a uniform timestep,
+  logged as ``simple_loss``.
+* ``evaluate``: the variational bound in nats and bits/dim of the 8-bit
+  data, an upper bound on the NLL. ``eval_timesteps`` = 0 sums all T - 1 KL
+  terms (one network call each); n > 0 uses the stratified unbiased
+  estimate of that sum with n calls (``objectives.variational_bound``). The
+  prior term and the discretized-Gaussian decoder term at t = 0 are always
+  exact. The per-term split is returned as prior_bpd, diffusion_bpd and
+  decoder_bpd, and the per-example ``simple_loss`` (one more call, at a
+  uniform timestep) overlays the training curve.
+* ``sample``: ``sampler`` "ddpm" (ancestral, ``variance``) or "ddim"
+  (``ddim_eta``), each with ``sample_steps`` steps spaced by
+  ``timestep_spacing``.
+* ``visualize``: the same starting noise through both samplers.
+
+With ``num_classes`` > 0 the network is class-conditional, trained with
+labels dropped to a null token with probability ``label_dropout``, and
+``sample`` uses classifier-free guidance with weight ``guidance_scale``
+(eps = (1 + w) eps(x, y) - w eps(x, null)) on labels 0, 1, 2, ... in turn;
+``evaluate`` bounds the unconditional model (null label), so its bits/dim
+stay comparable with unconditional models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gm_jax import losses, schema
+from gm_jax.diffusion import objectives, samplers, schedules
+from gm_jax.diffusion.unet import UNet
+from gm_jax.family import Family
+
+SAMPLERS = ("ddpm", "ddim")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig(schema.ModelConfig):
+  """``config.model`` of the diffusion family; the defaults are DDPM's
+  CIFAR-10 model (Ho et al., 2020).
+
+  Attributes:
+    image_shape: (H, W, C) of the data (see ``schema.ModelConfig``).
+    schedule: the noise schedule, "linear" or "cosine".
+    num_timesteps: T.
+    beta_start, beta_end: the linear schedule's first and last beta.
+    prediction: what the network predicts: "eps", "x0" or "v".
+    width: the U-Net's base channel count.
+    width_mult: per-level multipliers of ``width``; H and W must be
+      divisible by 2^(len(width_mult) - 1).
+    num_res_blocks: ResNet blocks per level.
+    attn_resolutions: resolutions (H) with self-attention.
+    dropout: dropout rate in the ResNet blocks.
+    num_groups: GroupNorm groups; must divide every width * width_mult.
+    num_heads: attention heads.
+    resample_with_conv: learned convolutions in down- and up-sampling.
+    dtype: computation dtype, "float32" or "bfloat16" (params stay f32).
+    num_classes: 0 for an unconditional model; else class-conditional with
+      classifier-free guidance.
+    label_dropout: probability of training on the null label.
+    guidance_scale: w of the classifier-free guidance when sampling.
+    variance: the reverse process's variance, "fixed_small" or
+      "fixed_large".
+    eval_timesteps: 0 for the exact bound (all T terms), n for a stratified
+      estimate with n network calls.
+    sampler: "ddpm" or "ddim".
+    sample_steps: steps of the sampler, in 1..T.
+    timestep_spacing: "linspace", "leading" or "trailing": which
+      ``sample_steps`` of the T timesteps the sampler visits.
+    ddim_eta: DDIM's stochasticity (0: deterministic).
+    clip_x0: clip the predicted x_0 to [-1, 1] when sampling.
+  """
+
+  image_shape: tuple[int, int, int] = (32, 32, 3)
+  schedule: str = schema.choice("linear", schedules.SCHEDULES)
+  num_timesteps: int = 1000
+  beta_start: float = 1e-4
+  beta_end: float = 0.02
+  prediction: str = schema.choice("eps", objectives.PREDICTIONS)
+  width: int = 128
+  width_mult: tuple[int, ...] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (16,)
+  dropout: float = 0.1
+  num_groups: int = 32
+  num_heads: int = 1
+  resample_with_conv: bool = True
+  dtype: str = schema.choice("float32", tuple(DTYPES))
+  num_classes: int = 0
+  label_dropout: float = 0.1
+  guidance_scale: float = 1.0
+  variance: str = schema.choice("fixed_small", schedules.VARIANCES)
+  eval_timesteps: int = 0
+  sampler: str = schema.choice("ddim", SAMPLERS)
+  sample_steps: int = 50
+  timestep_spacing: str = schema.choice("linspace",
+                                        samplers.TIMESTEP_SPACINGS)
+  ddim_eta: float = 0.0
+  clip_x0: bool = True
+
+  def validate(self):
+    schema.require(self.num_timesteps >= 2, "num_timesteps",
+                   self.num_timesteps, "must be >= 2")
+    schema.require(1 <= self.sample_steps <= self.num_timesteps,
+                   "sample_steps", self.sample_steps,
+                   f"must be in 1..num_timesteps ({self.num_timesteps})")
+    schema.require(self.ddim_eta >= 0, "ddim_eta", self.ddim_eta,
+                   "must be >= 0")
+    schema.require(self.eval_timesteps >= 0, "eval_timesteps",
+                   self.eval_timesteps, "must be >= 0 (0 = all T)")
+    schema.require(0.0 <= self.dropout < 1.0, "dropout", self.dropout,
+                   "must be in [0, 1)")
+    schema.require(len(self.width_mult) >= 1, "width_mult", self.width_mult,
+                   "must be non-empty")
+    factor = 2 ** (len(self.width_mult) - 1)
+    schema.require(
+        self.image_shape[0] % factor == 0 and
+        self.image_shape[1] % factor == 0, "image_shape", self.image_shape,
+        f"must have H and W divisible by 2^(len(width_mult)-1) = {factor}"
+        f" for width_mult={self.width_mult}")
+    widths = sorted({self.width * m for m in self.width_mult})
+    schema.require(all(w % self.num_groups == 0 for w in widths),
+                   "num_groups", self.num_groups,
+                   f"must divide every width * width_mult = {widths}")
+    schema.require(self.num_classes >= 0, "num_classes", self.num_classes,
+                   "must be >= 0")
+    schema.require(0.0 <= self.label_dropout <= 1.0, "label_dropout",
+                   self.label_dropout, "must be in [0, 1]")
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """``config.model`` of the diffusion family with every key at its
+  default."""
+  return schema.default_config(DiffusionConfig, family="diffusion")
+
+
+def make_unet(cfg: DiffusionConfig) -> UNet:
+  """The U-Net that a ``DiffusionConfig`` describes."""
+  return UNet(width=cfg.width, width_mult=cfg.width_mult,
+              num_res_blocks=cfg.num_res_blocks,
+              attn_resolutions=cfg.attn_resolutions,
+              dropout=cfg.dropout, num_groups=cfg.num_groups,
+              num_heads=cfg.num_heads,
+              resample_with_conv=cfg.resample_with_conv,
+              out_channels=cfg.image_shape[-1],
+              num_classes=cfg.num_classes, dtype=DTYPES[cfg.dtype])
+
+
+def make(model_config: ml_collections.ConfigDict) -> Family:
+  """Builds the diffusion Family from ``config.model`` (see
+  ``DiffusionConfig``)."""
+  cfg = schema.parse(DiffusionConfig, model_config)
+  image_shape = cfg.image_shape
+  num_dims = image_shape[0] * image_shape[1] * image_shape[2]
+  schedule = schedules.noise_schedule(cfg.schedule, cfg.num_timesteps,
+                                      cfg.beta_start, cfg.beta_end)
+  net = make_unet(cfg)
+  conditional = cfg.num_classes > 0
+  null_label = cfg.num_classes
+
+  def model_fn(params, labels, train=False, dropout_key=None):
+    rngs = {"dropout": dropout_key} if train else None
+    return lambda x, t: net.apply({"params": params}, x, t, labels,
+                                  train=train, rngs=rngs)
+
+  def eps_fn(params, labels):
+    return objectives.eps_fn_from_model(model_fn(params, labels), schedule,
+                                        cfg.prediction)
+
+  def init(key, batch):
+    x = jnp.zeros((batch["image"].shape[0],) + image_shape, jnp.float32)
+    t = jnp.zeros(x.shape[:1], jnp.int32)
+    labels = jnp.zeros(x.shape[:1], jnp.int32) if conditional else None
+    return net.init({"params": key}, x, t, labels)["params"]
+
+  def simple_loss(params, x0, labels, key_t, key_noise, dropout_key=None):
+    """L_simple per example [B] at uniform timesteps; dropout if a key."""
+    t = jax.random.randint(key_t, x0.shape[:1], 0, cfg.num_timesteps)
+    noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+    net_fn = model_fn(params, labels, dropout_key is not None, dropout_key)
+    return objectives.simple_loss(net_fn, schedule, x0, t, noise,
+                                  cfg.prediction)
+
+  def loss(params, batch, key, step):
+    del step  # L_simple has no schedule over training steps.
+    x0 = losses.scale_to_symmetric(batch["image"])  # [B, H, W, C]
+    key_t, key_noise, key_drop, key_label = jax.random.split(key, 4)
+    labels = None
+    if conditional:
+      drop = jax.random.bernoulli(key_label, cfg.label_dropout, x0.shape[:1])
+      labels = jnp.where(drop, null_label, batch["label"].astype(jnp.int32))
+    value = jnp.mean(simple_loss(params, x0, labels, key_t, key_noise,
+                                 key_drop))
+    return value, {"simple_loss": value}
+
+  def evaluate(params, batch, key):
+    x0 = losses.scale_to_symmetric(batch["image"])
+    labels = (jnp.full(x0.shape[:1], null_label, jnp.int32)
+              if conditional else None)
+    terms = objectives.variational_bound(
+        eps_fn(params, labels), schedule, x0, key, cfg.eval_timesteps,
+        cfg.variance)
+    # Its own stream, so the bound's draws stay those of ``key``.
+    key_t, key_noise = jax.random.split(jax.random.fold_in(key, 1))
+    return {
+        "simple_loss": simple_loss(params, x0, labels, key_t, key_noise),
+        "nll_nats": terms["nll_nats"],
+        "bpd": losses.bits_per_dim(terms["nll_nats"], num_dims),
+        "prior_bpd": losses.bits_per_dim(terms["prior_nats"], num_dims),
+        "diffusion_bpd": losses.bits_per_dim(terms["diffusion_nats"],
+                                             num_dims),
+        "decoder_bpd": losses.bits_per_dim(terms["decoder_nats"], num_dims),
+    }
+
+  def guided_eps_fn(params, num):
+    if not conditional:
+      return eps_fn(params, None)
+    labels = jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
+    cond = eps_fn(params, labels)
+    uncond = eps_fn(params, jnp.full((num,), null_label, jnp.int32))
+    w = cfg.guidance_scale
+    return lambda x, t: (1.0 + w) * cond(x, t) - w * uncond(x, t)
+
+  def run_sampler(name, params, key, num):
+    shape = (num,) + image_shape
+    fn = guided_eps_fn(params, num)
+    if name == "ddpm":
+      x = samplers.ddpm_sample(fn, schedule, key, shape, cfg.sample_steps,
+                               cfg.variance, cfg.clip_x0,
+                               timestep_spacing=cfg.timestep_spacing)
+    else:
+      x = samplers.ddim_sample(fn, schedule, key, shape, cfg.sample_steps,
+                               cfg.ddim_eta, cfg.clip_x0,
+                               timestep_spacing=cfg.timestep_spacing)
+    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+  def sample(params, key, num):
+    return run_sampler(cfg.sampler, params, key, num)
+
+  def visualize(params, batch, key):
+    num = min(batch["image"].shape[0], 16)
+    # The same key gives both samplers the same x_T.
+    return {f"samples_{name}": run_sampler(name, params, key, num)
+            for name in SAMPLERS}
+
+  return Family(init=init, loss=loss, evaluate=evaluate, sample=sample,
+                visualize=visualize)

@@ -1,0 +1,215 @@
+"""The contract of every config in configs/, through the Family interface.
+
+For every file and every ``:arg`` it documents (each alone and with
+``smoke``), loaded the way the scripts load it (``config_lib.load``):
+
+* the config loads and is locked (a new key is an error);
+* ``make_family(config.model)`` builds, and the non-smoke models have the
+  parameter counts recorded below (so a refactoring cannot change a paper
+  model unnoticed);
+* for ``smoke`` variants: the data source is offline and serves the model's
+  image shape, and ``init / loss / evaluate / sample / visualize`` return the
+  declared shapes and dtypes (checked with ``jax.eval_shape``, no
+  compilation): loss a scalar and a dict of scalars whose names ``evaluate``
+  shares; evaluate per-example [B] arrays with ``nll_nats`` and ``bpd``;
+  samples [n, H, W, C] float32; visualize images [N, H, W, C] float32.
+
+The smallest smoke models also run for real, on a batch of their data:
+finite values, bpd = nll / (D ln 2), images in [0, 1].
+"""
+
+import ast
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gm_jax import config_lib, data
+from gm_jax.families import make_family
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+# The arguments each config documents, besides "smoke".
+CONFIG_ARGS = {
+    "diffusion_cifar10.py": ("bf16", "exact", "cosine", "ddpm"),
+    "diffusion_mnist.py": (),
+    "gated_pixelcnn_mnist.py": ("conditional", "8bit"),
+    "glow_cifar10.py": (),
+    "glow_mnist.py": (),
+    "pixelcnn_mnist.py": ("paper", "dynamic"),
+    "pixelcnnpp_cifar10.py": (),
+    "pixelcnnpp_mnist.py": (),
+    "realnvp_cifar10.py": (),
+    "realnvp_mnist.py": (),
+    "vae_binarized_mnist.py": (),
+    "vae_mnist.py": ("mlp", "logistic"),
+}
+
+# Parameter counts of the full-size models, measured with jax.eval_shape.
+PARAM_COUNTS = {
+    "diffusion_cifar10.py": 35_746_307,  # DDPM's 35.7M
+    "diffusion_cifar10.py:bf16": 35_746_307,
+    "diffusion_cifar10.py:exact": 35_746_307,
+    "diffusion_cifar10.py:cosine": 35_746_307,
+    "diffusion_cifar10.py:ddpm": 35_746_307,
+    "diffusion_mnist.py": 280_177,
+    "gated_pixelcnn_mnist.py": 118_209,
+    "gated_pixelcnn_mnist.py:conditional": 125_889,
+    "gated_pixelcnn_mnist.py:8bit": 134_784,
+    "glow_cifar10.py": 44_051_148,
+    "glow_mnist.py": 76_172,
+    "pixelcnn_mnist.py": 57_921,
+    "pixelcnn_mnist.py:paper": 2_736_897,
+    "pixelcnn_mnist.py:dynamic": 57_921,
+    "pixelcnnpp_cifar10.py": 53_618_660,
+    "pixelcnnpp_mnist.py": 572_847,
+    "realnvp_cifar10.py": 5_997_539,
+    "realnvp_mnist.py": 333_851,
+    "vae_binarized_mnist.py": 425_284,
+    "vae_mnist.py": 836_033,
+    "vae_mnist.py:mlp": 1_079_600,
+    "vae_mnist.py:logistic": 836_178,
+}
+
+# Smoke models that also run for real: the smallest with a ``visualize``
+# (each family's own tests run its models, the diffusion U-Net included).
+EXECUTED = ("vae_binarized_mnist.py:smoke", "glow_mnist.py:smoke")
+
+OFFLINE_SOURCES = ("embedded_mnist", "embedded_rgb")
+# Training metrics that are schedules, not per-example quantities, so
+# evaluate has no counterpart.
+TRAIN_ONLY_METRICS = {"kl_weight"}
+BATCH = 2
+NUM_SAMPLES = 3
+
+
+def _specs():
+  specs = []
+  for name, args in CONFIG_ARGS.items():
+    for arg in ("", *args):
+      specs.append(f"{name}:{arg}" if arg else name)
+      specs.append(f"{name}:{arg},smoke" if arg else f"{name}:smoke")
+  return specs
+
+
+SPECS = _specs()
+SMOKE_SPECS = [s for s in SPECS if "smoke" in s]
+
+
+def _load(spec):
+  return config_lib.load(f"configs/{spec}")
+
+
+def _batch(config, split):
+  """The first BATCH examples of the config's data."""
+  source = data.load_source(config.data, split)
+  batch = source.get(np.arange(BATCH))
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def test_every_config_file_and_argument_is_covered():
+  files = sorted(p.name for p in CONFIG_DIR.glob("*.py")
+                 if p.name != "__init__.py")
+  assert files == sorted(CONFIG_ARGS)
+  for name, args in CONFIG_ARGS.items():
+    # The error for an unknown argument lists the ones the file accepts.
+    with pytest.raises(ValueError, match="Unknown config argument") as error:
+      _load(f"{name}:no_such_argument")
+    accepted = re.search(r"accepts (\[.*\])", str(error.value)).group(1)
+    assert sorted(ast.literal_eval(accepted)) == sorted(("smoke", *args))
+  assert set(PARAM_COUNTS) == {s for s in SPECS if "smoke" not in s}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_config_loads_locked_and_builds_its_family(spec):
+  config = _load(spec)
+  with pytest.raises(AttributeError, match="locked"):
+    config.model.no_such_key = 1
+  with pytest.raises(AttributeError, match="locked"):
+    config.train.no_such_key = 1
+  family = make_family(config.model)
+  if spec in PARAM_COUNTS:
+    shape = (1,) + tuple(config.model.image_shape)
+    batch = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
+             "label": jax.ShapeDtypeStruct((1,), jnp.int32)}
+    params = jax.eval_shape(family.init, jax.random.key(0), batch)
+    count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    assert count == PARAM_COUNTS[spec]
+
+
+def _check_images(images, shape):
+  assert images.ndim == 4 and tuple(images.shape[1:]) == shape, images.shape
+  assert images.dtype == jnp.float32
+
+
+# config.model of the smoke variants already traced: a family is a function
+# of config.model alone, so variants that differ only outside it (e.g.
+# "exact" under "smoke") need no second trace.
+_TRACED_MODELS = set()
+
+
+@pytest.mark.parametrize("spec", SMOKE_SPECS)
+def test_smoke_config_keeps_the_family_contract(spec):
+  config = _load(spec)
+  assert config.data.source in OFFLINE_SOURCES
+  assert config.train.num_steps <= 10
+  shape = tuple(config.model.image_shape)
+  batch = _batch(config, config.data.train_split)
+  assert tuple(batch["image"].shape[1:]) == shape
+  assert batch["image"].dtype == jnp.uint8
+  assert batch["label"].dtype == jnp.int32
+  family = make_family(config.model)
+  model_json = config.model.to_json(sort_keys=True)
+  if model_json in _TRACED_MODELS:
+    return
+  _TRACED_MODELS.add(model_json)
+  key = jax.random.key(0)
+
+  params = jax.eval_shape(family.init, key, batch)
+  loss, metrics = jax.eval_shape(family.loss, params, batch, key,
+                                 jnp.int32(0))
+  assert loss.shape == () and loss.dtype == jnp.float32
+  assert metrics and all(m.shape == () for m in metrics.values())
+  results = jax.eval_shape(family.evaluate, params, batch, key)
+  assert {"nll_nats", "bpd"} <= set(results)
+  for value in results.values():
+    assert value.shape == (BATCH,) and value.dtype == jnp.float32
+  # Training and evaluation name the same quantity alike.
+  assert set(metrics) - TRAIN_ONLY_METRICS <= set(results)
+  samples = jax.eval_shape(lambda p, k: family.sample(p, k, NUM_SAMPLES),
+                           params, key)
+  assert samples.shape == (NUM_SAMPLES,) + shape
+  assert samples.dtype == jnp.float32
+  if family.visualize is not None:
+    pictures = jax.eval_shape(family.visualize, params, batch, key)
+    assert pictures
+    for images in pictures.values():
+      _check_images(images, shape)
+
+
+@pytest.mark.parametrize("spec", EXECUTED)
+def test_smallest_smoke_models_run(spec):
+  config = _load(spec)
+  family = make_family(config.model)
+  shape = tuple(config.model.image_shape)
+
+  @jax.jit
+  def run(batch):  # One program: one compilation.
+    params = family.init(jax.random.key(0), batch)
+    results = family.evaluate(params, batch, jax.random.key(1))
+    samples = family.sample(params, jax.random.key(2), NUM_SAMPLES)
+    pictures = family.visualize(params, batch, jax.random.key(3))
+    return results, samples, pictures
+
+  results, samples, pictures = run(_batch(config, config.data.eval_split))
+  nll, bpd = np.asarray(results["nll_nats"]), np.asarray(results["bpd"])
+  assert np.all(np.isfinite(nll)) and np.all(nll > 0)
+  np.testing.assert_allclose(bpd, nll / (math.prod(shape) * math.log(2)),
+                             rtol=1e-5)
+  for images in (samples, *pictures.values()):
+    _check_images(images, shape)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
