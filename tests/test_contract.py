@@ -213,3 +213,41 @@ def test_smallest_smoke_models_run(spec):
   for images in (samples, *pictures.values()):
     _check_images(images, shape)
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+
+
+# Every config's smoke run, through the code path of the scripts:
+# train_and_evaluate (scripts/train.py), then restore_for_inference with
+# evaluate_dataset (scripts/evaluate.py) and sample (scripts/sample.py). The
+# subprocess level of the scripts is tested once, on the VAE, in
+# tests/test_scripts.py. One model of each family runs by default; the
+# others (slower to compile on 2 cores) are marked slow.
+FAST_TRAINED = ("diffusion_mnist.py", "glow_mnist.py", "pixelcnn_mnist.py",
+                "vae_binarized_mnist.py")
+TRAINED = [pytest.param(name, marks=() if name in FAST_TRAINED
+                        else pytest.mark.slow)
+           for name in sorted(p.name for p in CONFIG_DIR.glob("*.py")
+                              if not p.name.startswith("_"))
+           if name != "vae_mnist.py"]  # its scripts run in test_scripts
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_smoke_run_trains_and_serves_the_scripts(name, tmp_path):
+  from gm_jax import train
+  config = _load(f"{name}:smoke")
+  config.unlock()
+  config.train.compilation_cache_dir = ""  # the test session's cache
+  config.train.num_steps = 2
+  config.ckpt.every_steps = 2
+  config.lock()
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(final["nll_nats"]) and final["bpd"] > 0
+  built, params, step = train.restore_for_inference(config, str(tmp_path))
+  assert step == 2
+  source = data.load_source(config.data, config.data.eval_split)
+  results = train.evaluate_dataset(
+      built.evaluate, params, source, config.train.eval_batch_size, 4,
+      jax.random.key(0), built.mesh)
+  assert np.isfinite(results["nll_nats"]) and results["bpd"] > 0
+  images = built.sample(params, jax.random.key(1), 2)
+  _check_images(images, tuple(config.model.image_shape))
+  assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
