@@ -260,15 +260,8 @@ def discretized_logistic_log_prob(x: Array, mean: Array, log_scale: Array,
   Returns:
     log-probabilities of x's shape, in nats.
   """
-  half_bin = 1.0 / (num_bins - 1)
-  inv_scale = jnp.exp(-log_scale)
-  centered = x - mean
-  upper = inv_scale * (centered + half_bin)
-  lower = inv_scale * (centered - half_bin)
-  interior = _log_sigmoid_diff(upper, lower)
-  return jnp.where(x < -1.0 + half_bin, jax.nn.log_sigmoid(upper),
-                   jnp.where(x > 1.0 - half_bin, jax.nn.log_sigmoid(-lower),
-                             interior))
+  return _discretized_log_prob(x, mean, log_scale, num_bins,
+                               jax.nn.log_sigmoid, _log_sigmoid_diff)
 
 
 def discretized_gaussian_log_prob(x: Array, mean: Array, log_std: Array,
@@ -280,15 +273,24 @@ def discretized_gaussian_log_prob(x: Array, mean: Array, log_std: Array,
   that the levels' probabilities sum to one. Same conventions as
   ``discretized_logistic_log_prob``.
   """
+  return _discretized_log_prob(x, mean, log_std, num_bins, special.log_ndtr,
+                               _log_ndtr_diff)
+
+
+def _discretized_log_prob(x, mean, log_scale, num_bins, log_cdf,
+                          log_cdf_diff):
+  """log P(bin of x) for a symmetric location-scale distribution with the
+  standardised log-CDF ``log_cdf`` (and a stable ``log_cdf_diff(a, b)`` =
+  log(CDF(a) - CDF(b))), with open edge bins."""
   half_bin = 1.0 / (num_bins - 1)
-  inv_std = jnp.exp(-log_std)
+  inv_scale = jnp.exp(-log_scale)
   centered = x - mean
-  upper = inv_std * (centered + half_bin)
-  lower = inv_std * (centered - half_bin)
-  interior = _log_ndtr_diff(upper, lower)
-  return jnp.where(x < -1.0 + half_bin, special.log_ndtr(upper),
-                   jnp.where(x > 1.0 - half_bin, special.log_ndtr(-lower),
-                             interior))
+  upper = inv_scale * (centered + half_bin)
+  lower = inv_scale * (centered - half_bin)
+  interior = log_cdf_diff(upper, lower)
+  # log(1 - CDF(lower)) = log CDF(-lower) by symmetry.
+  return jnp.where(x < -1.0 + half_bin, log_cdf(upper),
+                   jnp.where(x > 1.0 - half_bin, log_cdf(-lower), interior))
 
 
 # ----------------------------------------------------------------------------

@@ -38,7 +38,20 @@ def _output_head(h: Array, num_output_filters: int, num_groups: int,
       jax.nn.relu(h))
 
 
-class PixelCNN(nn.Module):
+class _MaskedNetwork(nn.Module):
+  """The hyper-parameters PixelCNN and Gated PixelCNN share (see theirs)."""
+
+  num_outputs: int
+  width: int
+  num_layers: int
+  kernel_size: int
+  first_kernel_size: int
+  num_output_filters: int
+  num_groups: int = 1
+  num_classes: int = 0
+
+
+class PixelCNN(_MaskedNetwork):
   """PixelCNN (van den Oord et al., 2016, "Pixel Recurrent Neural Networks").
 
   A masked k1 x k1 type-A convolution to 2h features, ``num_layers``
@@ -58,14 +71,6 @@ class PixelCNN(nn.Module):
     num_classes: 0, or the number of classes for a per-class bias per block.
   """
 
-  num_outputs: int
-  width: int
-  num_layers: int
-  kernel_size: int
-  first_kernel_size: int
-  num_output_filters: int
-  num_groups: int = 1
-  num_classes: int = 0
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
@@ -86,7 +91,7 @@ class PixelCNN(nn.Module):
     return _output_head(h, self.num_output_filters, g, self.num_outputs)
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(_MaskedNetwork):
   """Gated PixelCNN (van den Oord et al., 2016, "Conditional Image
   Generation with PixelCNN Decoders").
 
@@ -111,14 +116,6 @@ class GatedPixelCNN(nn.Module):
     kernel_size: k of the hidden layers; first_kernel_size of the first.
   """
 
-  num_outputs: int
-  width: int
-  num_layers: int
-  kernel_size: int
-  first_kernel_size: int
-  num_output_filters: int
-  num_groups: int = 1
-  num_classes: int = 0
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
