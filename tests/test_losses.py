@@ -109,22 +109,28 @@ def test_mixture_size_is_inferred_from_the_parameters():
   infers it too, and the log-prob broadcasts one parameter set over
   pixels."""
   rng = np.random.default_rng(1)
+  log_prob = losses.discretized_logistic_mixture_log_prob
+  sample = losses.sample_discretized_logistic_mixture
+
+  @jax.jit
+  def compare(x, params, key):  # One program per shape: one compilation.
+    c, m = x.shape[-1], losses.mixture_num_components(params.shape[-1],
+                                                      x.shape[-1])
+    return (log_prob(x, params), log_prob(x, params, m),
+            log_prob(x, params[0]),
+            log_prob(x, jnp.broadcast_to(params[0], params.shape)),
+            sample(params, key, c), sample(params, key, c, m))
+
   for c, m in ((1, 4), (3, 2)):
     p = losses.mixture_num_params(c, m)
     assert losses.mixture_num_components(p, c) == m
     x = losses.scale_to_symmetric(jnp.asarray(rng.integers(0, 256, (6, c))))
     params = jnp.asarray(rng.normal(size=(6, p)), jnp.float32)
-    np.testing.assert_array_equal(
-        losses.discretized_logistic_mixture_log_prob(x, params),
-        losses.discretized_logistic_mixture_log_prob(x, params, m))
-    shared = losses.discretized_logistic_mixture_log_prob(x, params[0])
-    np.testing.assert_allclose(
-        shared, losses.discretized_logistic_mixture_log_prob(
-            x, jnp.broadcast_to(params[0], params.shape)), rtol=1e-6)
-    key = jax.random.PRNGKey(2)
-    np.testing.assert_array_equal(
-        losses.sample_discretized_logistic_mixture(params, key, c),
-        losses.sample_discretized_logistic_mixture(params, key, c, m))
+    inferred, given, shared, broadcast, drawn, drawn_given = compare(
+        x, params, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(inferred, given)
+    np.testing.assert_allclose(shared, broadcast, rtol=1e-6)
+    np.testing.assert_array_equal(drawn, drawn_given)
 
 
 def test_bernoulli_and_categorical():
@@ -197,12 +203,16 @@ def test_per_example_gaussian_kl_matches_monte_carlo():
   mean_p, log_std_p = jnp.array([0.2, -0.1, 0.0, 0.5]), jnp.float32(0.3)
   kl = losses.gaussian_kl(mean_q, log_std_q, mean_p, log_std_p)
   assert kl.shape == (3,)
-  z = mean_q + jnp.exp(log_std_q) * jax.random.normal(key_z,
-                                                      (200_000, 3, 4))
-  log_ratio = (losses.gaussian_log_prob(z, mean_q, log_std_q) -
-               losses.gaussian_log_prob(z, mean_p, log_std_p)).sum(-1)
-  mc = log_ratio.mean(0)
-  std_error = log_ratio.std(0) / np.sqrt(200_000)
+
+  @jax.jit
+  def monte_carlo():
+    z = mean_q + jnp.exp(log_std_q) * jax.random.normal(key_z,
+                                                        (200_000, 3, 4))
+    log_ratio = (losses.gaussian_log_prob(z, mean_q, log_std_q) -
+                 losses.gaussian_log_prob(z, mean_p, log_std_p)).sum(-1)
+    return log_ratio.mean(0), log_ratio.std(0) / np.sqrt(200_000)
+
+  mc, std_error = monte_carlo()
   assert np.all(np.abs(mc - kl) < 4 * std_error + 1e-4), (mc, kl)
   # p = N(0, I) by default, and KL(q || q) = 0.
   np.testing.assert_allclose(
