@@ -90,6 +90,24 @@ from gm_jax.losses import (  # noqa: F401  (re-exports)
   uniform_dequantize,
 )
 
+# Sample quality: FID / KID over features, and the feature extractors.
+from gm_jax.quality import (  # noqa: F401  (re-exports)
+  FeatureExtractor,
+  FIDInceptionV3,
+  Reference,
+  build_extractor,
+  compute_reference,
+  feature_statistics,
+  fid,
+  frechet_distance,
+  inception_extractor,
+  kid,
+  load_reference,
+  mnist_classifier,
+  save_reference,
+  score_against_reference,
+)
+
 # VAE bounds, usable with any encoder / decoder callables.
 from gm_jax.vae import (  # noqa: F401  (re-exports)
   VAEConfig,
