@@ -135,7 +135,19 @@ def workdir_config(workdir: str):
         f"{path} does not exist: is {workdir} a training workdir? Pass"
         " --config=<the config file it was trained with>.")
   with open(path) as f:
-    loaded = ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  # Keys added to the trainer's sections since the run was made take their
+  # defaults, so older workdirs stay readable; the model section is the
+  # family's business and is taken as saved.
+  from gm_jax import config_lib
+  merged = config_lib.base_config().to_dict()
+  for section, values in saved.items():
+    if isinstance(values, dict) and isinstance(merged.get(section), dict) and (
+        section != "model"):
+      merged[section].update(values)
+    else:
+      merged[section] = values
+  loaded = ml_collections.ConfigDict(merged)
   loaded.lock()
   return loaded
 

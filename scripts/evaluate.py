@@ -31,6 +31,18 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", -1, "Evaluate on the first N examples (-1: all).")
 _SPLIT = flags.DEFINE_string("split", None, "Split (default: data.eval_split).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation's randomness.")
+_FID = flags.DEFINE_bool("fid", False, "Also report FID and KID of samples.")
+_FID_SAMPLES = flags.DEFINE_integer("fid_samples", 1000,
+                                    "Samples for FID/KID.", lower_bound=2)
+_FID_EXTRACTOR = flags.DEFINE_enum(
+    "fid_extractor", None, ["mnist_classifier", "inception"],
+    "Feature extractor (default: by the images' channels).")
+_FID_WEIGHTS = flags.DEFINE_string(
+    "fid_weights", None, "The FID Inception weights file"
+    " (pt_inception-2015-12-05-6726825d.pth).")
+_FID_CLASSIFIER_STEPS = flags.DEFINE_integer(
+    "fid_classifier_steps", None,
+    "Training steps of the digit classifier (default: its settings').")
 launch.define_config_flag(
     required=False,
     help_text="Config file (default: <workdir>/config.json).")
@@ -49,6 +61,48 @@ def _output_path(workdir, step, split, num_examples, seed):
   n = "all" if num_examples < 0 else str(num_examples)
   return os.path.join(workdir, "eval",
                       f"step_{step:07d}_{split}_n{n}_seed{seed}{tag}.json")
+
+
+def _sample_quality(config, built, params, split, jax):
+  """{"fid", "kid", "kid_se", "fid_num_samples"} of samples from params."""
+  import dataclasses
+
+  import numpy as np
+
+  from gm_jax import quality
+  name = _FID_EXTRACTOR.value or quality.default_extractor(
+      tuple(config.model.image_shape))
+  settings = None
+  if _FID_CLASSIFIER_STEPS.value:
+    settings = dataclasses.replace(quality.ClassifierSettings(),
+                                   num_steps=_FID_CLASSIFIER_STEPS.value)
+  extractor = quality.build_extractor(name, config.data,
+                                      weights=_FID_WEIGHTS.value,
+                                      settings=settings)
+  extractor_id = extractor.metadata.get("id", extractor.name)
+  reference_path = os.path.join(
+      quality.default_cache_dir(), "references",
+      f"{config.data.source}_{config.data.name or 'default'}_{split}_"
+      f"{extractor_id}.npz")
+  reference = quality.compute_reference(extractor, config.data, split,
+                                        path=reference_path)
+  num = _FID_SAMPLES.value
+  chunk = min(num, config.train.eval_batch_size)
+  key = jax.random.PRNGKey(_SEED.value + 1)
+  t0 = time.perf_counter()
+  samples = np.concatenate([
+      np.asarray(jax.device_get(built.sample(params, jax.random.fold_in(key, i),
+                                             chunk)))
+      for i in range(-(-num // chunk))])[:num]
+  sample_seconds = time.perf_counter() - t0
+  scores = quality.score_against_reference(
+      extractor.features(samples), reference,
+      kid_subset_size=min(1000, num, len(reference.features)
+                          if reference.features is not None else num),
+      seed=_SEED.value)
+  return {"fid": scores["fid"], "kid": scores["kid"],
+          "kid_se": scores["kid_se"], "fid_num_samples": num,
+          "fid_extractor": extractor_id, "sample_seconds": sample_seconds}
 
 
 def main(argv):
@@ -82,9 +136,14 @@ def main(argv):
       _NUM_EXAMPLES.value, jax.random.PRNGKey(_SEED.value), built.mesh,
       on_batch=progress)
   seconds = time.perf_counter() - t0
-  bad = sorted(k for k, v in results.items() if not (abs(v) < float("inf")))
+  if _FID.value:
+    results.update(_sample_quality(config, built, params, split, jax))
+  bad = sorted(k for k, v in results.items()
+               if isinstance(v, float) and not abs(v) < float("inf")
+               and k not in ("kid", "kid_se"))  # NaN without features
   if launch.is_main_process():
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items())
+    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in results.items())
     print(f"step {step}, split {split!r}: {shown} ({seconds:.1f}s)",
           flush=True)
     path = _output_path(workdir, step, split, _NUM_EXAMPLES.value,

@@ -23,9 +23,9 @@ def _env(devices=None):
   return env
 
 
-def _run(script, *args, timeout=300):
+def _run(script, *args, timeout=300, **env):
   proc = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO,
-                        env=_env(), capture_output=True, text=True,
+                        env={**_env(), **env}, capture_output=True, text=True,
                         timeout=timeout)
   return proc
 
@@ -203,3 +203,34 @@ def test_second_trainer_is_refused_naming_the_holder(tmp_path):
     proc = _run("train.py", *SMOKE, f"--workdir={tmp_path}")
   assert proc.returncode == 1
   assert f"in use by pid {os.getpid()}" in _one_line(proc.stderr)
+
+
+def test_evaluate_reports_fid_and_kid(four_device_run, tmp_path):
+  """FID/KID of samples against the test digits, with a (briefly trained)
+  digit classifier cached under $XDG_CACHE_HOME; recorded with N and the
+  extractor."""
+  workdir, _, _ = four_device_run
+  args = [f"--workdir={workdir}", "--num_examples=8", "--fid",
+          "--fid_samples=16", "--fid_classifier_steps=10", "--seed=3"]
+  proc = _run("evaluate.py", *args, XDG_CACHE_HOME=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "fid=" in proc.stdout and "kid=" in proc.stdout
+  path = os.path.join(workdir, "eval", "step_0000004_test_n8_seed3.json")
+  saved = json.load(open(path))
+  assert saved["fid"] > 0 and np.isfinite(saved["kid"])
+  assert saved["fid_num_samples"] == 16
+  assert saved["fid_extractor"].startswith("mnist_classifier-")
+  cached = os.listdir(os.path.join(tmp_path, "gm_jax", "feature_extractors"))
+  assert any(name.endswith(".npz") for name in cached)
+
+
+def test_old_workdir_config_gets_new_trainer_keys(tmp_path):
+  """A config.json written before a trainer key existed still loads."""
+  from gm_jax import config_lib, launch
+  config = json.loads(config_lib.load("configs/vae_mnist.py:smoke")
+                      .to_json_best_effort())
+  del config["train"]["eval_params"], config["data"]["random_flip"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  loaded = launch.workdir_config(str(tmp_path))
+  assert loaded.train.eval_params == "ema" and loaded.data.random_flip is False
+  assert loaded.model.latent_dim == config["model"]["latent_dim"]

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from gm_jax import layers
+from gm_jax import initializers
 from gm_jax.quality.features import (
   FeatureExtractor,
   batched_apply,
@@ -100,7 +100,7 @@ class DigitClassifier(nn.Module):
     # Uniform kernels (fan-avg, scale 2 for ReLU) drawn flat by the shared
     # helper: the default truncated-normal draws of 4-D kernels compile
     # several times slower on XLA:CPU.
-    kernel_init = layers.fan_avg_uniform(2.0)
+    kernel_init = initializers.fan_avg_uniform(2.0)
     for features in self.conv_features:
       x = nn.relu(nn.Conv(features, (3, 3), kernel_init=kernel_init)(x))
       b, h, w, c = x.shape
