@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "embedded_mnist"  # embedded_mnist | tfds | folder
+  config.data.source = "embedded_mnist"  # embedded_mnist|embedded_rgb|tfds|folder
   config.data.name = ""  # tfds name, e.g. "mnist", "binarized_mnist", "cifar10"
   config.data.path = ""  # the image folder, for source="folder"
   config.data.data_dir = ""  # tfds data_dir; "" uses tfds's default
