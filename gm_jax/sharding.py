@@ -62,3 +62,56 @@ def host_to_global(local_batch: Mapping[str, np.ndarray],
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in local_batch.items()
   }
+
+
+# How long a process waits for the others to finish compiling a function
+# before the first run of it.
+COMPILE_BARRIER_SECONDS = 15 * 60
+
+
+class SyncedJit:
+  """``jax.jit(fn, **kwargs)`` that, in a multi-process run, compiles each
+  new signature ahead and waits for every process before running it.
+
+  XLA's CPU collectives (gloo) give a process 30 s to meet the others at
+  the first collective of a program. Processes compile independently, and
+  on a loaded machine one can finish more than 30 s after another, which
+  failed a 2-process run with ``DEADLINE_EXCEEDED``. Compiling first and
+  meeting at the coordination service's barrier, which takes a timeout,
+  leaves only run time between the processes. A single process skips all
+  of this.
+  """
+
+  def __init__(self, fn, name: str, **jit_kwargs):
+    self._jitted = jax.jit(fn, **jit_kwargs)
+    self._name = name
+    self._seen: set = set()
+    self.__wrapped__ = fn
+
+  def lower(self, *args, **kwargs):
+    return self._jitted.lower(*args, **kwargs)
+
+  def __call__(self, *args):
+    if jax.process_count() > 1:
+      leaves, treedef = jax.tree_util.tree_flatten(args)
+      signature = (treedef, tuple(
+          (leaf.shape, str(leaf.dtype)) if hasattr(leaf, "dtype") else leaf
+          for leaf in leaves))
+      if signature not in self._seen:
+        # The jit cache keeps this executable, so the call below reuses it.
+        self._jitted.lower(*args).compile()
+        barrier(f"gm_jax/compiled/{self._name}/{len(self._seen)}",
+                COMPILE_BARRIER_SECONDS)
+        self._seen.add(signature)
+    return self._jitted(*args)
+
+
+def barrier(name: str, timeout_seconds: float) -> None:
+  """Waits until every process reaches the barrier ``name``."""
+  # Orbax and jax's own multi-process tests reach the client the same way;
+  # jax has no public barrier with a timeout.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return
+  client.wait_at_barrier(name, int(timeout_seconds * 1000))

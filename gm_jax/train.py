@@ -236,23 +236,27 @@ def build(config: ml_collections.ConfigDict,
   data_in = (replicated, batched, replicated)
   visualize = None
   if family.visualize is not None:
-    visualize = jax.jit(family.visualize, in_shardings=data_in,
-                        out_shardings=replicated)
+    visualize = sharding_lib.SyncedJit(
+        family.visualize, "visualize", in_shardings=data_in,
+        out_shardings=replicated)
   return Built(
       config=config, family=family, mesh=mesh, tx=tx,
       abstract_state=abstract_state,
-      init=jax.jit(init_fn, in_shardings=(replicated, batched),
-                   out_shardings=replicated),
-      train_step=jax.jit(
+      init=sharding_lib.SyncedJit(init_fn, "init",
+                                  in_shardings=(replicated, batched),
+                                  out_shardings=replicated),
+      train_step=sharding_lib.SyncedJit(
           make_train_step(family, tx, schedule, config.optim.ema_decay,
                           config.optim.l2_penalty,
-                          config.optim.grad_accumulation),
+                          config.optim.grad_accumulation), "train_step",
           in_shardings=data_in, out_shardings=(replicated, replicated),
           donate_argnums=(0,)),
-      evaluate=jax.jit(family.evaluate, in_shardings=data_in,
-                       out_shardings=replicated),
-      sample=jax.jit(family.sample, static_argnums=(2,),
-                     out_shardings=replicated),
+      evaluate=sharding_lib.SyncedJit(family.evaluate, "evaluate",
+                                      in_shardings=data_in,
+                                      out_shardings=replicated),
+      sample=sharding_lib.SyncedJit(family.sample, "sample",
+                                    static_argnums=(2,),
+                                    out_shardings=replicated),
       visualize=visualize)
 
 
