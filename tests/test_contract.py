@@ -219,10 +219,11 @@ def test_smallest_smoke_models_run(spec):
 # train_and_evaluate (scripts/train.py), then restore_for_inference with
 # evaluate_dataset (scripts/evaluate.py) and sample (scripts/sample.py). The
 # subprocess level of the scripts is tested once, on the VAE, in
-# tests/test_scripts.py. Three families run by default (diffusion_mnist's
-# smoke model already runs for real in tests/test_diffusion.py); the others,
-# slower to compile on 2 cores, are marked slow.
-FAST_TRAINED = ("glow_mnist.py", "pixelcnn_mnist.py", "vae_binarized_mnist.py")
+# tests/test_scripts.py. The two families the trainer's own tests do not
+# train (those use the VAE) run by default, with their fastest configs;
+# diffusion's model runs for real in tests/test_diffusion.py. The others,
+# slower to compile on 2 cores, are marked slow (``pytest -m slow``).
+FAST_TRAINED = ("glow_mnist.py", "pixelcnn_mnist.py")
 TRAINED = [pytest.param(name, marks=() if name in FAST_TRAINED
                         else pytest.mark.slow)
            for name in sorted(p.name for p in CONFIG_DIR.glob("*.py")

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from gm_jax import config_lib, data
 from gm_jax.quality import classifier, features, inception, metrics, reference
+from tests.conftest import script_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -765,8 +766,7 @@ def test_compute_reference_reuses_an_up_to_date_file(tmp_path, capsys):
 
 def test_fid_reference_script_on_the_embedded_digits(tmp_path):
   out = tmp_path / "refs" / "mnist_test.npz"
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-             XDG_CACHE_HOME=str(tmp_path / "xdg"))
+  env = script_env(PYTHONPATH=REPO, XDG_CACHE_HOME=str(tmp_path / "xdg"))
   command = [sys.executable, "scripts/fid_reference.py",
              "--config=configs/vae_mnist.py", "--split=test",
              f"--out={out}", "--classifier_steps=3", "--num_examples=100"]

@@ -10,22 +10,16 @@ import numpy as np
 import pytest
 
 from gm_jax import metrics
+from tests.conftest import script_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config=configs/vae_mnist.py:smoke", "--config.train.log_every=1",
          "--config.model.architecture=mlp"]
 
 
-def _env(devices=None):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # the scripts' --local_device_count decides
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def _run(script, *args, timeout=300, **env):
   proc = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO,
-                        env={**_env(), **env}, capture_output=True, text=True,
+                        env={**script_env(), **env}, capture_output=True, text=True,
                         timeout=timeout)
   return proc
 
@@ -54,6 +48,7 @@ def test_train_script_prints_progress_and_caches_compilation(four_device_run):
   assert os.listdir(cache), "the persistent compilation cache stayed empty"
 
 
+@pytest.mark.slow  # about 40 s on 2 cores
 def test_two_processes_match_one_process(four_device_run, tmp_path):
   """2 processes x 2 CPU devices (jax.distributed, gloo collectives) train
   exactly like 1 process x 4 devices."""
@@ -66,7 +61,7 @@ def test_two_processes_match_one_process(four_device_run, tmp_path):
            "--local_device_count=2", f"--coordinator_address=localhost:{port}",
            "--num_processes=2", f"--process_id={i}",
            "--config.train.compilation_cache_dir="],
-          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True) for i in range(2)
   ]
   outputs = [p.communicate(timeout=300) for p in procs]
