@@ -266,47 +266,49 @@ def test_tfds_without_name():
 # when the features are plain tensors).
 
 
-class GmJaxTestDigits(tfds.core.GeneratorBasedBuilder):
+class _TinyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A dataset written by ``example(i)`` for i < SIZES[split]."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  FEATURES: dict = {}
+  SIZES: dict = {}
+
+  def example(self, i: int) -> dict:
+    raise NotImplementedError
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(self.FEATURES))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(size)
+            for split, size in self.SIZES.items()}
+
+  def _generate_examples(self, size):
+    for i in range(size):
+      yield i, self.example(i)
+
+
+class GmJaxTestDigits(_TinyBuilder):
   """Ten 4x4 images: example i is filled with 10 * i and has label i % 3."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  FEATURES = {"image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+              "label": tfds.features.ClassLabel(num_classes=3)}
+  SIZES = {"train": 10, "test": 4}
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=3),
-        }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(10),
-            "test": self._generate_examples(4)}
-
-  def _generate_examples(self, num):
-    for i in range(num):
-      yield i, {"image": np.full((4, 4, 1), 10 * i, np.uint8), "label": i % 3}
+  def example(self, i):
+    return {"image": np.full((4, 4, 1), 10 * i, np.uint8), "label": i % 3}
 
 
-class GmJaxTestNoImages(tfds.core.GeneratorBasedBuilder):
+class GmJaxTestNoImages(_TinyBuilder):
   """A dataset without an "image" feature."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  FEATURES = {"pixels": tfds.features.Tensor(shape=(2,), dtype=np.uint8)}
+  SIZES = {"train": 3}
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "pixels": tfds.features.Tensor(shape=(2,), dtype=np.uint8)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    for i in range(3):
-      yield i, {"pixels": np.full((2,), i, np.uint8)}
+  def example(self, i):
+    return {"pixels": np.full((2,), i, np.uint8)}
 
 
 @pytest.fixture(scope="module")

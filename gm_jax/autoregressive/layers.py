@@ -171,33 +171,31 @@ class DownShiftedConv(nn.Module):
   strides: int = 1
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
+  def _column_padding(self) -> tuple[int, int]:
+    """Zero columns added (left, right): the window is centred."""
+    kw = self.kernel_size[1]
+    return (kw - 1) // 2, (kw - 1) // 2
+
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kh, kw = self.kernel_size
-    x = jnp.pad(x, ((0, 0), (kh - 1, 0), ((kw - 1) // 2, (kw - 1) // 2),
-                    (0, 0)))
+    x = jnp.pad(x, ((0, 0), (kh - 1, 0), self._column_padding(), (0, 0)))
     return nn.Conv(self.features, (kh, kw), strides=self.strides,
                    padding="VALID", kernel_init=self.kernel_init)(x)
 
 
-class DownRightShiftedConv(nn.Module):
+class DownRightShiftedConv(DownShiftedConv):
   """Convolution over the kh x kw window ending at the current pixel.
 
   Output (r, c) reads rows r - kh + 1..r and columns c - kw + 1..c. Follow
   with ``right_shift`` (kh = 1 rows) or ``down_shift`` to exclude (r, c).
   """
 
-  features: int
   kernel_size: Tuple[int, int] = (2, 2)
-  strides: int = 1
-  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kh, kw = self.kernel_size
-    x = jnp.pad(x, ((0, 0), (kh - 1, 0), (kw - 1, 0), (0, 0)))
-    return nn.Conv(self.features, (kh, kw), strides=self.strides,
-                   padding="VALID", kernel_init=self.kernel_init)(x)
+  def _column_padding(self) -> tuple[int, int]:
+    """The window ends at the current column."""
+    return self.kernel_size[1] - 1, 0
 
 
 class _ShiftedConvTranspose(nn.Module):
@@ -226,30 +224,31 @@ class _ShiftedConvTranspose(nn.Module):
 
 
 class DownShiftedConvTranspose(nn.Module):
-  """Up-sampling counterpart of ``DownShiftedConv`` (kernel (2, 3))."""
+  """Up-sampling counterpart of ``DownShiftedConv`` (kernel (2, 3)): the
+  output is cropped to the kernel's centre column."""
 
   features: int
   kernel_size: Tuple[int, int] = (2, 3)
   strides: int = 2
 
+  def _left(self) -> int:
+    """Columns cropped on the left of the transposed convolution's output."""
+    return (self.kernel_size[1] - 1) // 2
+
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return _ShiftedConvTranspose(self.features, self.kernel_size,
-                                 (self.kernel_size[1] - 1) // 2,
-                                 self.strides)(x)
+                                 self._left(), self.strides)(x)
 
 
-class DownRightShiftedConvTranspose(nn.Module):
-  """Up-sampling counterpart of ``DownRightShiftedConv`` (kernel (2, 2))."""
+class DownRightShiftedConvTranspose(DownShiftedConvTranspose):
+  """Up-sampling counterpart of ``DownRightShiftedConv`` (kernel (2, 2)):
+  nothing is cropped on the left."""
 
-  features: int
   kernel_size: Tuple[int, int] = (2, 2)
-  strides: int = 2
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return _ShiftedConvTranspose(self.features, self.kernel_size, 0,
-                                 self.strides)(x)
+  def _left(self) -> int:
+    return 0
 
 
 def gate(x: Array) -> Array:

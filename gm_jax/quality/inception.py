@@ -108,93 +108,89 @@ def _max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(2, 2))
 
 
-class InceptionA(nn.Module):
+def _stack(conv, x: jax.Array, name: str, *layers) -> jax.Array:
+  """One branch of an Inception block: ``conv`` layers run in turn, named
+  ``name_1``, ``name_2``, ... (torchvision's names). Each layer is
+  (features, kh, kw) with "same" padding, or (features, kh, kw, 2) for a
+  stride-2 layer without padding."""
+  for i, (features, kh, kw, *stride) in enumerate(layers, 1):
+    stride = stride[0] if stride else 1
+    padding = ((kh - 1) // 2, (kw - 1) // 2) if stride == 1 else (0, 0)
+    x = conv(features, (kh, kw), strides=stride, padding=padding,
+             name=f"{name}_{i}")(x)
+  return x
+
+
+class _InceptionBlock(nn.Module):
+  """Branches run side by side on the input, concatenated on channels."""
+
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  def branches(self, conv, x: jax.Array) -> list[jax.Array]:
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = functools.partial(BasicConv2d, precision=self.precision)
+    return jnp.concatenate(self.branches(conv, x), axis=-1)
+
+
+class InceptionA(_InceptionBlock):
   """Mixed_5b-d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avg-pool-1x1 -> 224 + pool."""
 
-  pool_features: int
-  precision: Any = jax.lax.Precision.HIGHEST
+  pool_features: int = 32
 
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
-    branch1x1 = conv(64, (1, 1), name="branch1x1")(x)
-    branch5x5 = conv(48, (1, 1), name="branch5x5_1")(x)
-    branch5x5 = conv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(branch5x5)
-    branch3x3dbl = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-    branch3x3dbl = conv(96, (3, 3), padding=(1, 1),
-                        name="branch3x3dbl_2")(branch3x3dbl)
-    branch3x3dbl = conv(96, (3, 3), padding=(1, 1),
-                        name="branch3x3dbl_3")(branch3x3dbl)
-    branch_pool = conv(self.pool_features, (1, 1),
-                       name="branch_pool")(_avg_pool_3x3(x))
-    return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool],
-                           axis=-1)
+  def branches(self, conv, x):
+    return [
+        conv(64, (1, 1), name="branch1x1")(x),
+        _stack(conv, x, "branch5x5", (48, 1, 1), (64, 5, 5)),
+        _stack(conv, x, "branch3x3dbl", (64, 1, 1), (96, 3, 3), (96, 3, 3)),
+        conv(self.pool_features, (1, 1), name="branch_pool")(
+            _avg_pool_3x3(x)),
+    ]
 
 
-class InceptionB(nn.Module):
+class InceptionB(_InceptionBlock):
   """Mixed_6a (grid 35 -> 17): 3x3/2 | 1x1-3x3-3x3/2 | max-pool/2."""
 
-  precision: Any = jax.lax.Precision.HIGHEST
-
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
-    branch3x3 = conv(384, (3, 3), strides=2, name="branch3x3")(x)
-    branch3x3dbl = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-    branch3x3dbl = conv(96, (3, 3), padding=(1, 1),
-                        name="branch3x3dbl_2")(branch3x3dbl)
-    branch3x3dbl = conv(96, (3, 3), strides=2,
-                        name="branch3x3dbl_3")(branch3x3dbl)
-    return jnp.concatenate(
-        [branch3x3, branch3x3dbl, _max_pool_3x3_stride2(x)], axis=-1)
+  def branches(self, conv, x):
+    return [
+        conv(384, (3, 3), strides=2, name="branch3x3")(x),
+        _stack(conv, x, "branch3x3dbl", (64, 1, 1), (96, 3, 3),
+               (96, 3, 3, 2)),
+        _max_pool_3x3_stride2(x),
+    ]
 
 
-class InceptionC(nn.Module):
+class InceptionC(_InceptionBlock):
   """Mixed_6b-e: factorised 7x7 convolutions (1x7 and 7x1), 768 channels."""
 
-  channels_7x7: int
-  precision: Any = jax.lax.Precision.HIGHEST
+  channels_7x7: int = 128
 
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
+  def branches(self, conv, x):
     c7 = self.channels_7x7
-    branch1x1 = conv(192, (1, 1), name="branch1x1")(x)
-    branch7x7 = conv(c7, (1, 1), name="branch7x7_1")(x)
-    branch7x7 = conv(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(branch7x7)
-    branch7x7 = conv(192, (7, 1), padding=(3, 0),
-                     name="branch7x7_3")(branch7x7)
-    dbl = conv(c7, (1, 1), name="branch7x7dbl_1")(x)
-    dbl = conv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(dbl)
-    dbl = conv(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(dbl)
-    dbl = conv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(dbl)
-    dbl = conv(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(dbl)
-    branch_pool = conv(192, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
-    return jnp.concatenate([branch1x1, branch7x7, dbl, branch_pool], axis=-1)
+    return [
+        conv(192, (1, 1), name="branch1x1")(x),
+        _stack(conv, x, "branch7x7", (c7, 1, 1), (c7, 1, 7), (192, 7, 1)),
+        _stack(conv, x, "branch7x7dbl", (c7, 1, 1), (c7, 7, 1), (c7, 1, 7),
+               (c7, 7, 1), (192, 1, 7)),
+        conv(192, (1, 1), name="branch_pool")(_avg_pool_3x3(x)),
+    ]
 
 
-class InceptionD(nn.Module):
+class InceptionD(_InceptionBlock):
   """Mixed_7a (grid 17 -> 8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | max-pool/2."""
 
-  precision: Any = jax.lax.Precision.HIGHEST
-
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
-    branch3x3 = conv(192, (1, 1), name="branch3x3_1")(x)
-    branch3x3 = conv(320, (3, 3), strides=2, name="branch3x3_2")(branch3x3)
-    branch7x7x3 = conv(192, (1, 1), name="branch7x7x3_1")(x)
-    branch7x7x3 = conv(192, (1, 7), padding=(0, 3),
-                       name="branch7x7x3_2")(branch7x7x3)
-    branch7x7x3 = conv(192, (7, 1), padding=(3, 0),
-                       name="branch7x7x3_3")(branch7x7x3)
-    branch7x7x3 = conv(192, (3, 3), strides=2,
-                       name="branch7x7x3_4")(branch7x7x3)
-    return jnp.concatenate(
-        [branch3x3, branch7x7x3, _max_pool_3x3_stride2(x)], axis=-1)
+  def branches(self, conv, x):
+    return [
+        _stack(conv, x, "branch3x3", (192, 1, 1), (320, 3, 3, 2)),
+        _stack(conv, x, "branch7x7x3", (192, 1, 1), (192, 1, 7),
+               (192, 7, 1), (192, 3, 3, 2)),
+        _max_pool_3x3_stride2(x),
+    ]
 
 
-class InceptionE(nn.Module):
+class InceptionE(_InceptionBlock):
   """Mixed_7b-c: split 1x3 / 3x1 branches, 2048 channels.
 
   Attributes:
@@ -202,32 +198,27 @@ class InceptionE(nn.Module):
       pytorch-fid reproduces).
   """
 
-  pool: str
-  precision: Any = jax.lax.Precision.HIGHEST
+  pool: str = "avg"
 
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
-    branch1x1 = conv(320, (1, 1), name="branch1x1")(x)
-    branch3x3 = conv(384, (1, 1), name="branch3x3_1")(x)
-    branch3x3 = jnp.concatenate([
-        conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(branch3x3),
-        conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(branch3x3),
-    ], axis=-1)
-    dbl = conv(448, (1, 1), name="branch3x3dbl_1")(x)
-    dbl = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(dbl)
-    dbl = jnp.concatenate([
-        conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(dbl),
-        conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(dbl),
-    ], axis=-1)
+  def branches(self, conv, x):
     if self.pool == "avg":
       pooled = _avg_pool_3x3(x)
     elif self.pool == "max":
       pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
     else:
       raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}.")
-    branch_pool = conv(192, (1, 1), name="branch_pool")(pooled)
-    return jnp.concatenate([branch1x1, branch3x3, dbl, branch_pool], axis=-1)
+    # The 3x3 and the double-3x3 branches each end in a 1x3 and a 3x1 conv
+    # side by side.
+    branch3x3 = conv(384, (1, 1), name="branch3x3_1")(x)
+    dbl = _stack(conv, x, "branch3x3dbl", (448, 1, 1), (384, 3, 3))
+    return [
+        conv(320, (1, 1), name="branch1x1")(x),
+        conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(branch3x3),
+        conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(branch3x3),
+        conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(dbl),
+        conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(dbl),
+        conv(192, (1, 1), name="branch_pool")(pooled),
+    ]
 
 
 class FIDInceptionV3(nn.Module):
@@ -252,17 +243,16 @@ class FIDInceptionV3(nn.Module):
     x = conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
     x = conv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # [N, 71, 71, 192]
     x = _max_pool_3x3_stride2(x)  # [N, 35, 35, 192]
-    x = InceptionA(32, p, name="Mixed_5b")(x)  # [N, 35, 35, 256]
-    x = InceptionA(64, p, name="Mixed_5c")(x)  # [N, 35, 35, 288]
-    x = InceptionA(64, p, name="Mixed_5d")(x)  # [N, 35, 35, 288]
-    x = InceptionB(p, name="Mixed_6a")(x)  # [N, 17, 17, 768]
-    x = InceptionC(128, p, name="Mixed_6b")(x)
-    x = InceptionC(160, p, name="Mixed_6c")(x)
-    x = InceptionC(160, p, name="Mixed_6d")(x)
-    x = InceptionC(192, p, name="Mixed_6e")(x)  # [N, 17, 17, 768]
-    x = InceptionD(p, name="Mixed_7a")(x)  # [N, 8, 8, 1280]
-    x = InceptionE("avg", p, name="Mixed_7b")(x)  # [N, 8, 8, 2048]
-    x = InceptionE("max", p, name="Mixed_7c")(x)  # [N, 8, 8, 2048]
+    for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64),
+                                ("Mixed_5d", 64)):  # [N, 35, 35, 256 / 288]
+      x = InceptionA(pool_features=pool_features, precision=p, name=name)(x)
+    x = InceptionB(precision=p, name="Mixed_6a")(x)  # [N, 17, 17, 768]
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
+                     ("Mixed_6e", 192)):  # [N, 17, 17, 768]
+      x = InceptionC(channels_7x7=c7, precision=p, name=name)(x)
+    x = InceptionD(precision=p, name="Mixed_7a")(x)  # [N, 8, 8, 1280]
+    for name, pool in (("Mixed_7b", "avg"), ("Mixed_7c", "max")):
+      x = InceptionE(pool=pool, precision=p, name=name)(x)  # [N, 8, 8, 2048]
     return jnp.mean(x, axis=(1, 2))  # [N, 2048]
 
 
