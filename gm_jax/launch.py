@@ -269,7 +269,7 @@ def run(main) -> None:
         raise
       _fail(str(e), 2)
     except (ValueError, OSError, FloatingPointError, RuntimeError,
-            KeyError) as e:
+            KeyError, MemoryError) as e:
       if os.environ.get("GM_JAX_TRACEBACK"):
         raise
       _fail(f"{type(e).__name__}: {e}", 1)

@@ -269,14 +269,16 @@ STDERR_METRICS = ("nll_nats", "bpd")
 
 def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
                      num_examples: int, key, mesh,
-                     on_batch: Optional[Callable[[int, int, dict], None]] = None
-                     ) -> dict[str, float]:
+                     on_batch: Optional[Callable[[int, int, dict], None]] = None,
+                     memory_hint: str = "") -> dict[str, float]:
   """Means of the per-example metrics over the first ``num_examples``
   examples of ``source`` (all if negative), plus ``<name>_stderr`` (the
   standard error of the mean over examples) for nll_nats and bpd.
 
   ``on_batch(done, total, running_means)`` is called after every batch (for
-  progress displays).
+  progress displays). Before the first batch, a jitted ``evaluate_fn`` is
+  compiled and its working memory checked (``check_memory``, naming
+  ``memory_hint``).
   """
   total = input_pipeline.num_eval_examples(source, num_examples)
   sums: dict[str, float] = {}
@@ -284,7 +286,11 @@ def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
   done = 0
   batches = input_pipeline.eval_batches(source, batch_size, num_examples, mesh)
   for index, (batch, valid) in enumerate(batches):
-    out = evaluate_fn(params, batch, jax.random.fold_in(key, index))
+    batch_key = jax.random.fold_in(key, index)
+    if index == 0 and hasattr(evaluate_fn, "lower"):
+      check_memory(evaluate_fn.lower(params, batch, batch_key).compile(),
+                   f"evaluate (a batch of {batch_size})", memory_hint)
+    out = evaluate_fn(params, batch, batch_key)
     for name, values in jax.device_get(out).items():
       values = np.asarray(values, np.float64)
       if values.shape != (batch_size,):
@@ -304,6 +310,55 @@ def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
       results[f"{name}_stderr"] = float(np.sqrt(variance * total / (total - 1)
                                                 / total))
   return results
+
+
+def available_memory_bytes(device: jax.Device) -> Optional[int]:
+  """Memory free for new buffers on ``device``: the allocator's limit minus
+  what is in use on accelerators, MemAvailable of the host for CPU devices
+  (None where unknown)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        for line in f:
+          if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    except OSError:
+      return None
+  return None
+
+
+def check_memory(compiled, what: str, hint: str = "") -> None:
+  """Raises MemoryError (one line) when a compiled program's new buffers
+  (working memory and outputs, from XLA's memory analysis) exceed the free
+  memory of a device; CPU devices share the host's memory, so their needs
+  add up. A too-large program otherwise dies in the allocator, or in the
+  kernel's out-of-memory killer, without saying why."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return
+  needed = int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes)
+  device = jax.local_devices()[0]
+  if device.platform == "cpu":
+    needed *= jax.local_device_count()
+  available = available_memory_bytes(device)
+  if available is None or needed <= available:
+    return
+  gib = 2.0**30
+  raise MemoryError(
+      f"{what} needs {needed / gib:.1f} GiB of working memory"
+      f" {'on the host' if device.platform == 'cpu' else 'per device'},"
+      f" more than the {available / gib:.1f} GiB free: lower"
+      f" train.eval_batch_size{' or ' + hint if hint else ''}.")
+
+
+def memory_hint(model_config) -> str:
+  """The model's chunk-size keys with their values (e.g. the VAE's
+  ``model.iwae_chunk=1000``), which bound an evaluation's working memory."""
+  return " or ".join(f"model.{k}={v}" for k, v in sorted(model_config.items())
+                     if "chunk" in k)
 
 
 # ----------------------------------------------------------------------------
@@ -434,7 +489,7 @@ class _Outputs:
     results = evaluate_dataset(
         self.built.evaluate, params, self.eval_source,
         self.train.eval_batch_size, self.train.eval_examples, self.eval_key,
-        self.built.mesh)
+        self.built.mesh, memory_hint=memory_hint(self.built.config.model))
     results["eval_seconds"] = time.perf_counter() - t0
     self.writer.write_scalars(step, "eval", results)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gm_jax import losses, schema
+from gm_jax.convolutions import SubPixelConvTranspose
 from gm_jax.family import Family
 
 Array = jax.Array
@@ -152,7 +153,7 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-  """Dense to a coarse feature map, then transposed convolutions."""
+  """Dense to a coarse feature map, then stride-2 transposed convolutions."""
   image_shape: tuple[int, int, int]
   out_channels: int
   channels: Sequence[int] = (32, 64)
@@ -166,8 +167,11 @@ class ConvDecoder(nn.Module):
     x = nn.swish(nn.Dense(self.hidden)(z))
     x = nn.swish(nn.Dense((h // factor) * (w // factor) * top)(x))
     x = x.reshape(z.shape[0], h // factor, w // factor, top)
-    for ch in reversed(self.channels):
-      x = nn.swish(nn.ConvTranspose(ch, (3, 3), strides=(2, 2))(x))
+    for i, ch in enumerate(reversed(self.channels)):
+      # nn.ConvTranspose's function, parameters and names, computed as a
+      # sub-pixel convolution (several times faster to differentiate on CPU).
+      x = nn.swish(SubPixelConvTranspose(ch, (3, 3), strides=(2, 2),
+                                         name=f"ConvTranspose_{i}")(x))
     return nn.Conv(self.out_channels, (3, 3))(x)  # [B, H, W, out]
 
 

@@ -134,7 +134,7 @@ def main(argv):
   results = train.evaluate_dataset(
       built.evaluate, params, source, config.train.eval_batch_size,
       _NUM_EXAMPLES.value, jax.random.PRNGKey(_SEED.value), built.mesh,
-      on_batch=progress)
+      on_batch=progress, memory_hint=train.memory_hint(config.model))
   seconds = time.perf_counter() - t0
   if _FID.value:
     results.update(_sample_quality(config, built, params, split, jax))

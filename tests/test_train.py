@@ -472,3 +472,34 @@ def test_inference_restores_the_parameters_the_config_evaluates(
   assert_trees_equal(jax.tree_util.tree_map(np.asarray, raw), params)
   with pytest.raises(AssertionError):
     assert_trees_equal(jax.tree_util.tree_map(np.asarray, ema), params)
+
+
+def test_evaluation_too_big_for_memory_is_named_up_front(monkeypatch):
+  """XLA's memory analysis of the compiled evaluation is checked against
+  free memory before the first batch runs; the error names the chunk key."""
+  from gm_jax import data
+  config = smoke_config()
+  config.unlock()
+  config.model.iwae_samples = config.model.iwae_chunk = 64
+  config.lock()
+  built = train.build(config)
+  source = data.load_source(config.data, "test")
+  batch = {k: jnp.asarray(v) for k, v in source.get(
+      np.arange(config.train.batch_size)).items()}
+  params = built.init(jax.random.key(0), batch).params
+  hint = train.memory_hint(config.model)
+  assert hint == "model.iwae_chunk=64"
+
+  def run():
+    return train.evaluate_dataset(
+        built.evaluate, params, source, config.train.eval_batch_size, 16,
+        jax.random.key(1), built.mesh, memory_hint=hint)
+
+  assert np.isfinite(run()["nll_nats"])  # fits in this machine's memory
+  monkeypatch.setattr(train, "available_memory_bytes", lambda device: 1024)
+  with pytest.raises(MemoryError) as error:
+    run()
+  message = str(error.value)
+  assert "evaluate (a batch of" in message and "GiB of working memory" in message
+  assert "lower train.eval_batch_size or model.iwae_chunk=64" in message
+  assert "\n" not in message

@@ -1,0 +1,114 @@
+"""Transposed convolutions computed as sub-pixel convolutions.
+
+A stride-s transposed convolution produces output pixel ``s * m + a`` from
+the input pixels near ``m``, through the kernel taps that line up with phase
+``a``. Grouping the taps by phase turns it into one stride-1 convolution with
+``s * s * features`` output channels followed by depth-to-space (the
+"sub-pixel" convolution of Shi et al. 2016), which computes exactly the same
+function. ``SubPixelConvTranspose`` keeps ``flax.linen.ConvTranspose``'s
+parameters (same names, shapes, initialisers), so it is a drop-in
+replacement: the same parameter count, the same initial values, and
+checkpoints of either load into the other.
+
+Why: on XLA:CPU the gradient of ``ConvTranspose`` (a convolution with an
+input dilated by the stride) is several times slower than that of a stride-1
+convolution (100 ms vs 20 ms for 64 -> 32 channels, 4x4, stride 2, batch 128,
+2 cores); the stride-1 form wastes no multiplications on the dilation's
+zeros. On GPUs cuDNN runs both forms natively, and the stride-1 convolution
+with more output channels is the better-shaped one of the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
+  """The (before, after) zero padding of the stride-dilated input that
+  ``jax.lax.conv_transpose`` applies for ``padding`` (transpose_kernel=False)."""
+  if padding == "SAME":
+    pad_len = k + s - 2
+    before = k - 1 if s > k - 1 else int(np.ceil(pad_len / 2))
+  elif padding == "VALID":
+    pad_len = k + s - 2 + max(k - s, 0)
+    before = k - 1
+  else:
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
+  return before, pad_len - before
+
+
+def _phase_taps(k: int, s: int, n: int, padding: str):
+  """For one spatial axis of input size n: the taps of each output phase.
+
+  Output o = s * m + a reads, through tap t, the input pixel m + d with
+  d = (a + t - before) / s whenever that is an integer. Returns (index, lo,
+  num_windows, out_size): ``index[a, p]`` is the tap for phase a at window
+  position p (window covering input pixels m + lo .. m + lo + P - 1), or k
+  (a zero tap) where that phase has none; ``num_windows`` windows produce
+  ``s * num_windows >= out_size`` outputs, cropped to ``out_size``.
+  """
+  before, after = _transpose_padding(k, s, padding)
+  out_size = (n - 1) * s + 1 + before + after - k + 1
+  offsets = {(a, t): (a + t - before) // s for a in range(s) for t in range(k)
+             if (a + t - before) % s == 0}
+  lo = min(offsets.values())
+  width = max(offsets.values()) - lo + 1
+  index = np.full((s, width), k, np.int32)
+  for (a, t), d in offsets.items():
+    index[a, d - lo] = t
+  return index, lo, -(-out_size // s), out_size
+
+
+class SubPixelConvTranspose(nn.Module):
+  """``nn.ConvTranspose(features, kernel_size, strides, padding)`` as a
+  stride-1 convolution to ``s_h * s_w * features`` channels and
+  depth-to-space. NHWC; padding "SAME" or "VALID"."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (2, 2)
+  padding: str = "SAME"
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  precision: Optional[jax.lax.Precision] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    (kh, kw), (sh, sw) = self.kernel_size, self.strides
+    batch, h, w, cin = x.shape
+    kernel = self.param("kernel", self.kernel_init,
+                        (kh, kw, cin, self.features), jnp.float32)
+    idx_h, lo_h, m_h, out_h = _phase_taps(kh, sh, h, self.padding)
+    idx_w, lo_w, m_w, out_w = _phase_taps(kw, sw, w, self.padding)
+    # A zero tap at index k on each axis, then gather per (phase, position).
+    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    sub = padded[idx_h[:, :, None, None], idx_w[None, None, :, :]]
+    # [a_h, p_h, a_w, p_w, cin, f] -> [p_h, p_w, cin, (a_h, a_w, f)]
+    ph, pw = idx_h.shape[1], idx_w.shape[1]
+    sub = sub.transpose(1, 3, 4, 0, 2, 5).reshape(
+        ph, pw, cin, sh * sw * self.features)
+    # Window m covers input pixels m + lo .. m + lo + P - 1, m < num_windows.
+    def window_padding(lo, width, windows, n):
+      return -lo, windows - 1 + lo + width - 1 - (n - 1)
+    pads = (window_padding(lo_h, ph, m_h, h), window_padding(lo_w, pw, m_w, w))
+    x = jnp.pad(x, ((0, 0), (max(pads[0][0], 0), max(pads[0][1], 0)),
+                    (max(pads[1][0], 0), max(pads[1][1], 0)), (0, 0)))
+    # Negative padding (a window starting inside the image) is a crop.
+    x = x[:, max(-pads[0][0], 0):x.shape[1] - max(-pads[0][1], 0),
+          max(-pads[1][0], 0):x.shape[2] - max(-pads[1][1], 0)]
+    y = jax.lax.conv_general_dilated(
+        x, sub.astype(x.dtype), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+    y = y.reshape(batch, m_h, m_w, sh, sw, self.features)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(
+        batch, m_h * sh, m_w * sw, self.features)[:, :out_h, :out_w]
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(y.dtype)
+    return y
