@@ -102,9 +102,14 @@ class SubPixelConvTranspose(nn.Module):
     # Negative padding (a window starting inside the image) is a crop.
     x = x[:, max(-pads[0][0], 0):x.shape[1] - max(-pads[0][1], 0),
           max(-pads[1][0], 0):x.shape[2] - max(-pads[1][1], 0)]
-    y = jax.lax.conv_general_dilated(
-        x, sub.astype(x.dtype), (1, 1), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+    # The stride-1 convolution as one matrix product over the P_h x P_w
+    # shifted copies of the input (im2col): XLA:CPU runs small-kernel
+    # convolutions and their gradients far below its matmul speed.
+    patches = jnp.concatenate(
+        [x[:, i:i + m_h, j:j + m_w] for i in range(ph) for j in range(pw)],
+        axis=-1)
+    y = jnp.dot(patches, sub.reshape(ph * pw * cin, -1).astype(x.dtype),
+                precision=self.precision)
     y = y.reshape(batch, m_h, m_w, sh, sw, self.features)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(
         batch, m_h * sh, m_w * sw, self.features)[:, :out_h, :out_w]
