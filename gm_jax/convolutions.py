@@ -93,15 +93,13 @@ class SubPixelConvTranspose(nn.Module):
     ph, pw = idx_h.shape[1], idx_w.shape[1]
     sub = sub.transpose(1, 3, 4, 0, 2, 5).reshape(
         ph, pw, cin, sh * sw * self.features)
-    # Window m covers input pixels m + lo .. m + lo + P - 1, m < num_windows.
+    # Window m covers input pixels m + lo .. m + lo + P - 1, m < num_windows:
+    # pad (or, where negative, crop) the input to exactly those pixels.
     def window_padding(lo, width, windows, n):
-      return -lo, windows - 1 + lo + width - 1 - (n - 1)
-    pads = (window_padding(lo_h, ph, m_h, h), window_padding(lo_w, pw, m_w, w))
-    x = jnp.pad(x, ((0, 0), (max(pads[0][0], 0), max(pads[0][1], 0)),
-                    (max(pads[1][0], 0), max(pads[1][1], 0)), (0, 0)))
-    # Negative padding (a window starting inside the image) is a crop.
-    x = x[:, max(-pads[0][0], 0):x.shape[1] - max(-pads[0][1], 0),
-          max(-pads[1][0], 0):x.shape[2] - max(-pads[1][1], 0)]
+      return -lo, windows - 1 + lo + width - 1 - (n - 1), 0
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [
+        (0, 0, 0), window_padding(lo_h, ph, m_h, h),
+        window_padding(lo_w, pw, m_w, w), (0, 0, 0)])
     # The stride-1 convolution as one matrix product over the P_h x P_w
     # shifted copies of the input (im2col): XLA:CPU runs small-kernel
     # convolutions and their gradients far below its matmul speed.
