@@ -29,10 +29,11 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(argv):
-  del argv
-  config = launch.load_config(flags.FLAGS.config)
-  launch.initialize_distributed()
+def measure(config, steps: int = 20, eval_batches: int = 2) -> dict:
+  """Builds ``config``'s trainer on all devices and times it. Returns
+  first_step_s (compile + run), step_s, train_images_s, loss, eval_first_s,
+  eval_batch_s, eval_images_s, num_params, flops_per_step (XLA cost
+  analysis; 0 where the backend reports none) and batch sizes."""
   import jax
 
   from gm_jax import data, input_pipeline, train
@@ -54,40 +55,68 @@ def main(argv):
   state, metrics = built.train_step(state, batches[0], key)
   jax.block_until_ready(metrics)
   first_step = time.perf_counter() - t0
+  flops = 0.0
+  try:
+    # The lowered module's analysis: no second compilation.
+    analysis = built.train_step.lower(state, batches[0], key).cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0] if analysis else {}
+    flops = float((analysis or {}).get("flops", 0.0))
+  except Exception:  # noqa: BLE001 -- a backend without cost analysis
+    pass
   for i in range(2):  # warm-up
     state, metrics = built.train_step(state, batches[i % 4], key)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
-  for i in range(_STEPS.value):
+  for i in range(steps):
     state, metrics = built.train_step(state, batches[i % 4], key)
   jax.block_until_ready(state)
   train_seconds = time.perf_counter() - t0
 
-  eval_batch = batch_at(0, ebs)
-  t0 = time.perf_counter()
-  jax.block_until_ready(built.evaluate(state.ema_params, eval_batch, key))
-  eval_first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(_EVAL_BATCHES.value):
-    out = built.evaluate(state.ema_params, eval_batch, key)
-  jax.block_until_ready(out)
-  eval_seconds = time.perf_counter() - t0
+  result = dict(num_params=built.num_params, batch=bs, eval_batch=ebs,
+                first_step_s=first_step, step_s=train_seconds / steps,
+                train_images_s=steps * bs / train_seconds,
+                loss=float(metrics["loss"]), flops_per_step=flops,
+                built=built, state=state)
+  if eval_batches:
+    eval_batch = batch_at(0, ebs)
+    t0 = time.perf_counter()
+    jax.block_until_ready(built.evaluate(state.ema_params, eval_batch, key))
+    result["eval_first_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(eval_batches):
+      out = built.evaluate(state.ema_params, eval_batch, key)
+    jax.block_until_ready(out)
+    result["eval_batch_s"] = (time.perf_counter() - t0) / eval_batches
+    result["eval_images_s"] = ebs / result["eval_batch_s"]
+  return result
 
+
+def main(argv):
+  del argv
+  config = launch.load_config(flags.FLAGS.config)
+  launch.initialize_distributed()
+  import jax
+
+  r = measure(config, _STEPS.value, _EVAL_BATCHES.value)
   if launch.is_main_process():
-    steps = _STEPS.value
-    print(f"devices:              {built.mesh.size} x"
+    print(f"devices:              {r['built'].mesh.size} x"
           f" {jax.devices()[0].device_kind} ({jax.default_backend()})")
-    print(f"model:                {config.model.family}, {built.num_params:,}"
-          " parameters")
-    print(f"global batch:         {bs} (eval {ebs})")
-    print(f"first step (compile): {first_step:.2f} s")
-    print(f"train:                {steps * bs / train_seconds:,.1f} images/s,"
-          f" {steps / train_seconds:.2f} steps/s, loss"
-          f" {float(metrics['loss']):.3f}")
-    print(f"eval first batch:     {eval_first:.2f} s (with compilation)")
-    print(f"eval:                 {_EVAL_BATCHES.value * ebs / eval_seconds:,.1f}"
-          f" images/s ({eval_seconds / _EVAL_BATCHES.value:.3f} s per batch"
-          f" of {ebs})")
+    print(f"model:                {config.model.family},"
+          f" {r['num_params']:,} parameters")
+    print(f"global batch:         {r['batch']} (eval {r['eval_batch']})")
+    print(f"first step (compile): {r['first_step_s']:.2f} s")
+    print(f"train:                {r['train_images_s']:,.1f} images/s,"
+          f" {1 / r['step_s']:.2f} steps/s, loss {r['loss']:.3f}")
+    if r["flops_per_step"]:
+      print(f"train step FLOPs:     {r['flops_per_step'] / 1e9:,.1f} GFLOP"
+            f" (XLA cost analysis), {r['flops_per_step'] / r['step_s'] / 1e9:,.1f}"
+            " GFLOP/s achieved")
+    if _EVAL_BATCHES.value:
+      print(f"eval first batch:     {r['eval_first_s']:.2f} s (with"
+            " compilation)")
+      print(f"eval:                 {r['eval_images_s']:,.1f} images/s"
+            f" ({r['eval_batch_s']:.3f} s per batch of {r['eval_batch']})")
     print(f"peak host memory:     {_peak_rss_gib():.2f} GiB (max RSS)")
 
 

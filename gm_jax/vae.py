@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gm_jax import losses, schema
-from gm_jax.convolutions import SubPixelConvTranspose
+from gm_jax.convolutions import Conv, SubPixelConvTranspose
 from gm_jax.family import Family
 
 Array = jax.Array
@@ -144,7 +144,7 @@ class ConvEncoder(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] in [-1, 1]
     for ch in self.channels:
-      x = nn.swish(nn.Conv(ch, (3, 3), strides=(2, 2))(x))
+      x = nn.swish(Conv(ch, (3, 3), strides=(2, 2))(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.swish(nn.Dense(self.hidden)(x))
     out = nn.Dense(2 * self.latent_dim)(x)
@@ -172,7 +172,7 @@ class ConvDecoder(nn.Module):
       # sub-pixel convolution (several times faster to differentiate on CPU).
       x = nn.swish(SubPixelConvTranspose(ch, (3, 3), strides=(2, 2),
                                          name=f"ConvTranspose_{i}")(x))
-    return nn.Conv(self.out_channels, (3, 3))(x)  # [B, H, W, out]
+    return Conv(self.out_channels, (3, 3))(x)  # [B, H, W, out]
 
 
 class MLPEncoder(nn.Module):

@@ -1,4 +1,7 @@
-"""Sub-pixel transposed convolutions compute nn.ConvTranspose's function."""
+"""Convolutions written for speed compute the same functions as flax's:
+sub-pixel transposed convolutions equal nn.ConvTranspose, and Conv (matrix
+products for 1x1 kernels and, on CPU, for the kernel gradient) equals nn.Conv
+in values, gradients and forward-mode derivatives."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 from gm_jax import vae
-from gm_jax.convolutions import SubPixelConvTranspose
+from gm_jax.convolutions import Conv, SubPixelConvTranspose
 
 CASES = [
     # kernel, strides, padding, input H x W: the VAE decoder's layer, an even
@@ -73,3 +76,84 @@ def test_bad_padding_is_named():
   with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'"):
     SubPixelConvTranspose(2, (3, 3), padding="CIRCULAR").init(
         jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+
+
+CONV_CASES = [
+    # kernel, strides, padding, mask?: a 3x3 SAME layer, PixelCNN's cropped
+    # masked kernel with explicit padding, a strided VALID layer, a strided
+    # SAME layer with uneven padding, a 1x1 layer (matrix product) and a
+    # strided 1x1 layer given as an int stride (stays a convolution).
+    ((3, 3), (1, 1), "SAME", False),
+    ((2, 3), (1, 1), ((1, 0), (1, 1)), True),
+    ((3, 3), (2, 2), "VALID", False),
+    ((4, 3), (2, 1), "SAME", False),
+    ((1, 1), (1, 1), "SAME", False),
+    ((1, 1), 2, "VALID", False),
+]
+
+
+@pytest.mark.parametrize("kernel_grad", ["matmul", "conv", "auto"])
+@pytest.mark.parametrize("kernel,strides,padding,masked", CONV_CASES)
+def test_conv_equals_flax_conv(kernel, strides, padding, masked, kernel_grad):
+  """Same parameters and initial values as nn.Conv; outputs, reverse-mode
+  gradients (input, kernel, bias) and forward-mode derivatives equal to
+  float32 rounding, whichever kernel-gradient formulation is used."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  mask = None
+  if masked:
+    mask = jnp.asarray(np.random.RandomState(0).rand(*kernel, 3, 5) > 0.5,
+                       jnp.float32)
+  reference = nn.Conv(5, kernel, strides=strides, padding=padding, mask=mask)
+  fast = Conv(5, kernel, strides=strides, padding=padding, mask=mask,
+              kernel_grad=kernel_grad)
+  init = reference.init(jax.random.key(1), x)
+  init_fast = fast.init(jax.random.key(1), x)
+  assert jax.tree.structure(init) == jax.tree.structure(init_fast)
+  jax.tree.map(np.testing.assert_array_equal, init, init_fast)
+  variables = jax.tree.map(
+      lambda a: a + jax.random.normal(jax.random.key(2), a.shape), init)
+  close = lambda a, b: np.testing.assert_allclose(  # noqa: E731
+      a, b, rtol=1e-5, atol=1e-5)
+  close(fast.apply(variables, x), reference.apply(variables, x))
+
+  def loss(module):
+    return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+  grads = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+  grads_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(variables, x)
+  jax.tree.map(close, grads_fast, grads)
+
+  # Forward mode: a directional derivative in parameters and input at once.
+  tangents = jax.tree.map(jnp.cos, (variables, x))
+  _, jvp = jax.jvp(loss(reference), (variables, x), tangents)
+  _, jvp_fast = jax.jvp(loss(fast), (variables, x), tangents)
+  close(jvp_fast, jvp)
+
+
+def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
+  """On CPU the kernel gradient of a layer with many output channels is a
+  matrix product in the compiled step (a dot with the patch dimension), and
+  a layer with few output channels keeps XLA's convolution."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the rule only applies on the CPU backend")
+  x = jnp.ones((2, 6, 6, 4))
+
+  def hlo(features):
+    module = Conv(features, (3, 3))
+    variables = module.init(jax.random.key(0), x)
+    grad = jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2))
+    return jax.jit(grad).lower(variables).as_text()
+  # 3 x 3 taps x 4 input channels = 36-wide patches in a matrix product;
+  # otherwise the forward and both gradients are convolutions.
+  many, few = hlo(32), hlo(4)
+  assert "6x6x36x" in many and "dot_general" in many
+  assert many.count("stablehlo.convolution") == 1
+  assert "6x6x36x" not in few and "dot_general" not in few
+  assert few.count("stablehlo.convolution") == 2
+
+
+def test_conv_rejects_a_bad_option_or_shape():
+  x = jnp.ones((2, 6, 6, 4))
+  with pytest.raises(ValueError, match="kernel_grad"):
+    Conv(4, (3, 3), kernel_grad="fast").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="NHWC"):
+    Conv(4, (3, 3)).init(jax.random.key(0), x[0])

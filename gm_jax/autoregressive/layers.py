@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gm_jax.convolutions import SubPixelConvTranspose
+from gm_jax.convolutions import Conv, SubPixelConvTranspose
 
 Array = jax.Array
 
@@ -134,7 +134,7 @@ class MaskedConv(nn.Module):
     kh = cy + 1
     mask = causal_mask((kh, kw), (cy, cx), x.shape[-1], self.features,
                        self.num_groups, self.mask_type, self.out_repeats)
-    return nn.Conv(
+    return Conv(
         self.features, (kh, kw), padding=((cy, 0), (cx, kw - 1 - cx)),
         mask=jnp.asarray(mask), kernel_init=self.kernel_init)(x)
 
@@ -182,7 +182,7 @@ class DownShiftedConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     kh, kw = self.kernel_size
     x = jnp.pad(x, ((0, 0), (kh - 1, 0), self._column_padding(), (0, 0)))
-    return nn.Conv(self.features, (kh, kw), strides=self.strides,
+    return Conv(self.features, (kh, kw), strides=self.strides,
                    padding="VALID", kernel_init=self.kernel_init)(x)
 
 

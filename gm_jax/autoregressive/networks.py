@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from gm_jax.autoregressive import layers
+from gm_jax.convolutions import Conv
 
 Array = jax.Array
 
@@ -127,7 +128,7 @@ class GatedPixelCNN(_MaskedNetwork):
     for i in range(self.num_layers):
       first = i == 0
       k = self.first_kernel_size if first else self.kernel_size
-      v_pre = nn.Conv(2 * n, (k // 2 + 1, k),
+      v_pre = Conv(2 * n, (k // 2 + 1, k),
                       padding=((k // 2, 0), (k // 2, k // 2)))(v)
       if first:
         v_pre = layers.down_shift(v_pre)  # Rows < r only from here on.
@@ -135,7 +136,7 @@ class GatedPixelCNN(_MaskedNetwork):
                                              f"label_v_{i}")
       h_pre = layers.MaskedConv(2 * n, (1, k // 2 + 1), "A" if first else "B",
                                 g, out_repeats=2, center=(0, k // 2))(h)
-      h_pre = (h_pre + nn.Conv(2 * n, (1, 1))(v_pre) +
+      h_pre = (h_pre + Conv(2 * n, (1, 1))(v_pre) +
                layers.label_embedding(label, self.num_classes, 2 * n,
                                       f"label_h_{i}"))
       v = layers.gate(v_pre)  # [B, H, W, n]

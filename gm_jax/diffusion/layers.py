@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gm_jax.convolutions import Conv
 from gm_jax.initializers import fan_avg_uniform  # noqa: F401  (re-export)
 
 Array = jax.Array
@@ -107,7 +108,7 @@ class ResnetBlock(nn.Module):
     out_ch = self.out_channels or in_ch
     _check_groups(self.num_groups, in_ch, "ResnetBlock input")
     _check_groups(self.num_groups, out_ch, "ResnetBlock output")
-    conv = lambda n, k, init, name: nn.Conv(  # noqa: E731
+    conv = lambda n, k, init, name: Conv(  # noqa: E731
         n, (k, k), padding="SAME", kernel_init=init, dtype=self.dtype,
         name=name)
     h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x)
@@ -183,7 +184,7 @@ class Downsample(nn.Module):
     if x.shape[1] % 2 or x.shape[2] % 2:
       raise ValueError(f"Downsample: H and W must be even, got {x.shape}.")
     if self.with_conv:
-      return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
+      return Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
                      kernel_init=default_init, dtype=self.dtype,
                      name="conv")(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -205,6 +206,6 @@ class Upsample(nn.Module):
     """Args: x [B, H, W, C]. Returns [B, 2H, 2W, C]."""
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.with_conv:
-      x = nn.Conv(x.shape[-1], (3, 3), padding="SAME",
+      x = Conv(x.shape[-1], (3, 3), padding="SAME",
                   kernel_init=default_init, dtype=self.dtype, name="conv")(x)
     return x

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gm_jax.convolutions import Conv
 from gm_jax.diffusion import layers
 
 Array = jax.Array
@@ -95,7 +96,7 @@ class UNet(nn.Module):
                            dtype=self.dtype, name="label_emb")(y)
     emb = dense(4 * self.width, "temb_dense1")(nn.swish(emb))  # [B, 4 width]
 
-    h = nn.Conv(self.width, (3, 3), padding="SAME",
+    h = Conv(self.width, (3, 3), padding="SAME",
                 kernel_init=layers.default_init, dtype=self.dtype,
                 name="conv_in")(x.astype(self.dtype))
     skips = [h]
@@ -128,7 +129,7 @@ class UNet(nn.Module):
 
     h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype,
                               name="norm_out")(h))
-    h = nn.Conv(self.out_channels or x.shape[-1], (3, 3), padding="SAME",
+    h = Conv(self.out_channels or x.shape[-1], (3, 3), padding="SAME",
                 kernel_init=layers.zero_init, dtype=self.dtype,
                 name="conv_out")(h)
     return h.astype(jnp.float32)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from gm_jax.convolutions import Conv
 from gm_jax.flows import splines
 from gm_jax.losses import PIXEL_VALUES, sum_except_batch
 
@@ -389,14 +390,14 @@ class ConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.Conv(self.width, (3, 3))(x)
+    h = Conv(self.width, (3, 3))(x)
     if self.num_res_blocks == 0:
-      h = nn.Conv(self.width, (1, 1))(nn.relu(h))
+      h = Conv(self.width, (1, 1))(nn.relu(h))
     for _ in range(self.num_res_blocks):
-      r = nn.Conv(self.width, (3, 3))(nn.relu(h))
-      r = nn.Conv(self.width, (3, 3))(nn.relu(r))
+      r = Conv(self.width, (3, 3))(nn.relu(h))
+      r = Conv(self.width, (3, 3))(nn.relu(r))
       h = h + r
-    return nn.Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros,
+    return Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.zeros)(nn.relu(h))
 
 
@@ -546,7 +547,7 @@ class GaussianSplit(Bijector):
 
   @nn.compact
   def _mean_and_log_std(self, h1: Array, num_out: int) -> Tuple[Array, Array]:
-    h = nn.Conv(2 * num_out, (3, 3), kernel_init=nn.initializers.zeros,
+    h = Conv(2 * num_out, (3, 3), kernel_init=nn.initializers.zeros,
                 bias_init=nn.initializers.zeros, name="prior")(h1)
     return h[..., :num_out], h[..., num_out:]
 

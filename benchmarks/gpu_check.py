@@ -1,0 +1,177 @@
+"""One-shot accelerator check: every paper config's step, the U-Net's MFU,
+sampling times. Prepared to run once, in under 8 minutes, on a borrowed GPU.
+
+  python benchmarks/gpu_check.py                 # on the accelerator
+  python benchmarks/gpu_check.py --smoke         # the same path on CPU, tiny
+
+Prints, as a table and then as one JSON line per measurement:
+
+* for each paper config: first-step time (compilation included; the
+  benchmark does not open the persistent cache, so it is the cold figure), train step time and
+  images/s in float32, and in bfloat16 where the family has a compute-dtype
+  option (diffusion; the others say "no bfloat16 option");
+* the DDPM CIFAR-10 U-Net's FLOPs per step (XLA cost analysis) and MFU
+  against the device's dense peak (``--peak_tflops`` or the built-in table);
+* DDIM-50 for 64 CIFAR-shaped images and 64 PixelCNN MNIST samples.
+
+Data are the embedded images (MNIST digits, 32x32 colour patches), so the
+machine needs no network; the figures time the jitted computation. A
+``--budget_s`` guard skips what would not fit and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Dense peak TFLOP/s by device kind (substring match): (float32, bfloat16).
+# float32 on Hopper counts the non-tensor-core FP32 peak, which is what
+# XLA uses for float32 matmuls at the default precision ("highest" would
+# be tf32-free); bfloat16 is the dense tensor-core peak.
+PEAK_TFLOPS = {
+    "H200": (67.0, 989.0),
+    "H100": (67.0, 989.0),
+    "A100": (19.5, 312.0),
+}
+
+PAPER_CONFIGS = (
+    "vae_mnist.py", "vae_binarized_mnist.py", "pixelcnn_mnist.py",
+    "gated_pixelcnn_mnist.py", "pixelcnnpp_cifar10.py", "realnvp_cifar10.py",
+    "glow_cifar10.py", "diffusion_cifar10.py",
+)
+
+
+def _peak(kind: str, dtype: str, override: float) -> float:
+  if override:
+    return override
+  for name, (f32, bf16) in PEAK_TFLOPS.items():
+    if name in kind:
+      return bf16 if dtype == "bfloat16" else f32
+  return 0.0
+
+
+def _offline(config, smoke: bool):
+  """The embedded data of the config's image shape instead of a download."""
+  with config.unlocked():
+    if config.data.source == "tfds":
+      config.data.source = "embedded_rgb"
+      config.data.name = ""
+  return config
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny configs (:smoke) and batches: a CPU check"
+                      " of this script")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--budget_s", type=float, default=420.0,
+                      help="skip measurements once this much time is spent")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="device dense peak for the MFU (0: built-in table)")
+  parser.add_argument("--configs", default=",".join(PAPER_CONFIGS))
+  args = parser.parse_args()
+
+  import jax
+  import numpy as np
+
+  import bench_train
+  from gm_jax import config_lib
+
+  start = time.perf_counter()
+  device = jax.devices()[0]
+  kind = f"{device.device_kind} ({device.platform})"
+  print(f"device: {len(jax.devices())} x {kind}; jax {jax.__version__}")
+  rows = []
+  kept = {}  # family -> (built, state) of the float32 run, for sampling
+
+  def over_budget(what: str) -> bool:
+    spent = time.perf_counter() - start
+    if spent > args.budget_s:
+      print(f"skipped {what}: {spent:.0f} s spent of --budget_s"
+            f" {args.budget_s:.0f}")
+      rows.append(dict(what=what, skipped="budget"))
+      return True
+    return False
+
+  def emit(row: dict) -> None:
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  suffix = ":smoke" if args.smoke else ""
+  for name in args.configs.split(","):
+    variants = [("float32", "")]
+    if name.startswith("diffusion"):
+      variants.append(("bfloat16", "bf16"))
+    for dtype, arg in variants:
+      what = f"{name} {dtype}"
+      if over_budget(what):
+        continue
+      spec = f"configs/{name}"
+      opts = [o for o in (suffix.lstrip(":"), arg) if o]
+      if opts:
+        spec += ":" + ",".join(opts)
+      config = _offline(config_lib.load(spec), args.smoke)
+      r = bench_train.measure(config, args.steps if not args.smoke else 2,
+                              eval_batches=0)
+      row = dict(what="train", config=name, dtype=dtype,
+                 params=r["num_params"], batch=r["batch"],
+                 first_step_s=round(r["first_step_s"], 2),
+                 step_ms=round(1e3 * r["step_s"], 2),
+                 images_s=round(r["train_images_s"], 1))
+      if r["flops_per_step"]:
+        achieved = r["flops_per_step"] / r["step_s"] / 1e12
+        row["tflops_achieved"] = round(achieved, 3)
+        peak = _peak(device.device_kind, dtype, args.peak_tflops)
+        if peak:
+          row["mfu_percent"] = round(100 * achieved / peak, 1)
+      emit(row)
+      if dtype == "float32" and name in ("diffusion_cifar10.py",
+                                         "pixelcnn_mnist.py"):
+        kept[name.split("_")[0]] = (r["built"], r["state"])
+      del r
+    if not name.startswith("diffusion") and not args.smoke:
+      emit(dict(what="train", config=name, dtype="bfloat16",
+                skipped="no bfloat16 option in this family"))
+
+  num = 4 if args.smoke else 64
+  for holder in ("diffusion", "pixelcnn"):
+    state = kept.get(holder)
+    what = f"{num} PixelCNN MNIST samples"
+    if holder == "diffusion":
+      steps = state[0].config.model.sample_steps if state else 50
+      what = f"DDIM-{steps}, {num} CIFAR-shaped images"
+    if state is None:
+      print(f"skipped {what}: its config was not measured")
+      continue
+    if over_budget(what):
+      continue
+    built, train_state = state
+    key = jax.random.PRNGKey(3)
+    t0 = time.perf_counter()
+    jax.block_until_ready(built.sample(train_state.ema_params, key, num))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(
+        built.sample(train_state.ema_params, jax.random.PRNGKey(4), num))
+    emit(dict(what="sample", name=what, first_call_s=round(first, 2),
+              seconds=round(time.perf_counter() - t0, 3),
+              shape=list(np.shape(out))))
+
+  print("\n| measurement | figures |\n|---|---|")
+  for row in rows:
+    label = " ".join(str(row.get(k, "")) for k in ("what", "config", "name",
+                                                   "dtype")).strip()
+    rest = {k: v for k, v in row.items()
+            if k not in ("what", "config", "name", "dtype")}
+    print(f"| {label} | {', '.join(f'{k} {v}' for k, v in rest.items())} |")
+  print(f"total: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,59 @@
+"""The benchmark scripts run and print what they promise (tiny configs on
+CPU; the figures themselves are recorded in benchmarks/README.md)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import script_env
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _json_lines(stdout):
+  return [json.loads(line) for line in stdout.splitlines()
+          if line.startswith("{")]
+
+
+def _gpu_check(*args, timeout=600):
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/gpu_check.py", "--smoke", *args],
+      cwd=REPO, env=script_env(), capture_output=True, text=True,
+      timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout
+
+
+def test_gpu_check_times_training_and_sampling():
+  """One config's train step and its samples: every figure is there and
+  positive, the sample has the data's shape."""
+  out = _gpu_check("--configs=pixelcnn_mnist.py")
+  rows = _json_lines(out)
+  train, sample = rows
+  assert train["config"] == "pixelcnn_mnist.py" and train["params"] > 0
+  assert train["first_step_s"] > 0 and train["step_ms"] > 0
+  assert train["images_s"] > 0
+  assert sample["name"] == "4 PixelCNN MNIST samples"
+  assert sample["shape"] == [4, 28, 28, 1] and sample["seconds"] > 0
+  assert "skipped DDIM" in out  # no diffusion config measured: said so
+  assert "| measurement | figures |" in out
+
+
+def test_gpu_check_budget_skips_and_says_so():
+  out = _gpu_check("--configs=vae_binarized_mnist.py,pixelcnn_mnist.py",
+                   "--budget_s=0")
+  assert "skipped vae_binarized_mnist.py float32" in out
+  assert "skipped pixelcnn_mnist.py float32" in out
+  assert not [r for r in _json_lines(out) if "images_s" in r]
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores
+def test_gpu_check_all_paper_configs():
+  rows = _json_lines(_gpu_check())
+  dtypes = {(r["config"], r["dtype"]) for r in rows if r["what"] == "train"}
+  assert ("diffusion_cifar10.py", "bfloat16") in dtypes
+  assert len([r for r in rows if "images_s" in r]) == 9
+  assert any(r.get("name", "").startswith("DDIM-") for r in rows)
