@@ -5,9 +5,11 @@
       --config.train.batch_size=256 --steps=50
 
 Prints: devices, parameter count, first-step time (compilation included),
-train images/s and steps/s over --steps timed steps (after warm-up), eval
-images/s of ``family.evaluate`` (with the config's settings, e.g. the IWAE k),
-and the peak resident host memory of the process. The data are real batches
+train images/s and steps/s over --steps timed steps (after warm-up), the
+step's FLOPs (XLA cost analysis) and the FLOP/s achieved, eval images/s of
+``family.evaluate`` (with the config's settings, e.g. the IWAE k), with
+``--samples=N`` the time of ``family.sample`` for N images, and the peak
+resident host memory of the process. The data are real batches
 from the config's source, already on the device, so the figures measure the
 jitted computation, not the input pipeline.
 """
@@ -22,11 +24,25 @@ from gm_jax import launch
 launch.define_config_flag(required=True, help_text="Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 2, "Timed eval batches.")
+_SAMPLES = flags.DEFINE_integer(
+    "samples", 0, "Also time family.sample for this many images (0: no).")
 launch.define_distributed_flags()
 
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def offline(config):
+  """``config`` reading the embedded images of the same shape where it would
+  download a dataset (benchmarks time the computation, not the data)."""
+  with config.unlocked():
+    if config.data.source == "tfds":
+      config.data.source = (
+          "embedded_rgb" if tuple(config.model.image_shape)[-1] == 3
+          else "embedded_mnist")
+      config.data.name = ""
+  return config
 
 
 def measure(config, steps: int = 20, eval_batches: int = 2) -> dict:
@@ -99,6 +115,19 @@ def main(argv):
   import jax
 
   r = measure(config, _STEPS.value, _EVAL_BATCHES.value)
+  sample_line = ""
+  if _SAMPLES.value:  # every process: the sampler is one sharded program
+    built, params = r["built"], r["state"].ema_params
+    t0 = time.perf_counter()
+    jax.block_until_ready(built.sample(params, jax.random.PRNGKey(2),
+                                       _SAMPLES.value))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(built.sample(params, jax.random.PRNGKey(3),
+                                       _SAMPLES.value))
+    sample_line = (f"sample:               {_SAMPLES.value} images in"
+                   f" {time.perf_counter() - t0:.2f} s (first call"
+                   f" {first:.2f} s, with compilation)")
   if launch.is_main_process():
     print(f"devices:              {r['built'].mesh.size} x"
           f" {jax.devices()[0].device_kind} ({jax.default_backend()})")
@@ -117,6 +146,8 @@ def main(argv):
             " compilation)")
       print(f"eval:                 {r['eval_images_s']:,.1f} images/s"
             f" ({r['eval_batch_s']:.3f} s per batch of {r['eval_batch']})")
+    if sample_line:
+      print(sample_line)
     print(f"peak host memory:     {_peak_rss_gib():.2f} GiB (max RSS)")
 
 

@@ -55,15 +55,6 @@ def _peak(kind: str, dtype: str, override: float) -> float:
   return 0.0
 
 
-def _offline(config, smoke: bool):
-  """The embedded data of the config's image shape instead of a download."""
-  with config.unlocked():
-    if config.data.source == "tfds":
-      config.data.source = "embedded_rgb"
-      config.data.name = ""
-  return config
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true",
@@ -77,10 +68,10 @@ def main() -> None:
   parser.add_argument("--configs", default=",".join(PAPER_CONFIGS))
   args = parser.parse_args()
 
+  import bench_train
   import jax
   import numpy as np
 
-  import bench_train
   from gm_jax import config_lib
 
   start = time.perf_counter()
@@ -116,7 +107,7 @@ def main() -> None:
       opts = [o for o in (suffix.lstrip(":"), arg) if o]
       if opts:
         spec += ":" + ",".join(opts)
-      config = _offline(config_lib.load(spec), args.smoke)
+      config = bench_train.offline(config_lib.load(spec))
       r = bench_train.measure(config, args.steps if not args.smoke else 2,
                               eval_batches=0)
       row = dict(what="train", config=name, dtype=dtype,

@@ -140,11 +140,13 @@ class ConvEncoder(nn.Module):
   latent_dim: int
   channels: Sequence[int] = (32, 64)
   hidden: int = 256
+  kernel_size: int = 3
 
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] in [-1, 1]
+    k = self.kernel_size
     for ch in self.channels:
-      x = nn.swish(Conv(ch, (3, 3), strides=(2, 2))(x))
+      x = nn.swish(Conv(ch, (k, k), strides=(2, 2))(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.swish(nn.Dense(self.hidden)(x))
     out = nn.Dense(2 * self.latent_dim)(x)
@@ -153,11 +155,16 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-  """Dense to a coarse feature map, then stride-2 transposed convolutions."""
+  """Dense to a coarse feature map, then stride-2 transposed convolutions:
+  to the channels of the encoder in reverse and a 3x3 convolution to the
+  outputs (head "conv"), or with the last transposed convolution giving
+  the outputs itself (head "transpose", the DCGAN-style mirror)."""
   image_shape: tuple[int, int, int]
   out_channels: int
   channels: Sequence[int] = (32, 64)
   hidden: int = 256
+  kernel_size: int = 3
+  head: str = "conv"
 
   @nn.compact
   def __call__(self, z):  # [B, Z]
@@ -167,11 +174,19 @@ class ConvDecoder(nn.Module):
     x = nn.swish(nn.Dense(self.hidden)(z))
     x = nn.swish(nn.Dense((h // factor) * (w // factor) * top)(x))
     x = x.reshape(z.shape[0], h // factor, w // factor, top)
-    for i, ch in enumerate(reversed(self.channels)):
+    outs = list(reversed(self.channels))
+    if self.head == "transpose":
+      outs = outs[1:] + [self.out_channels]
+    k = self.kernel_size
+    for i, ch in enumerate(outs):
       # nn.ConvTranspose's function, parameters and names, computed as a
       # sub-pixel convolution (several times faster to differentiate on CPU).
-      x = nn.swish(SubPixelConvTranspose(ch, (3, 3), strides=(2, 2),
-                                         name=f"ConvTranspose_{i}")(x))
+      x = SubPixelConvTranspose(ch, (k, k), strides=(2, 2),
+                                name=f"ConvTranspose_{i}")(x)
+      if self.head == "conv" or i < len(outs) - 1:
+        x = nn.swish(x)
+    if self.head == "transpose":
+      return x  # [B, H, W, out]
     return Conv(self.out_channels, (3, 3))(x)  # [B, H, W, out]
 
 
@@ -214,15 +229,18 @@ class VAE(nn.Module):
   conv_channels: Sequence[int]
   hidden_sizes: Sequence[int]
   dense_size: int
+  conv_kernel_size: int = 3
+  decoder_head: str = "conv"
 
   def setup(self):
     c = self.image_shape[-1]
     out = c if self.likelihood == "bernoulli" else 2 * c
     if self.architecture == "conv":
       self.encoder = ConvEncoder(self.latent_dim, self.conv_channels,
-                                 self.dense_size)
+                                 self.dense_size, self.conv_kernel_size)
       self.decoder = ConvDecoder(self.image_shape, out, self.conv_channels,
-                                 self.dense_size)
+                                 self.dense_size, self.conv_kernel_size,
+                                 self.decoder_head)
     else:
       self.encoder = MLPEncoder(self.latent_dim, self.hidden_sizes)
       self.decoder = MLPDecoder(self.image_shape, out, self.hidden_sizes)
@@ -278,6 +296,9 @@ def _decoder_sample(likelihood: str, key: Array, out: Array) -> Array:
   return jnp.round((x + 1.0) * (max_level / 2)) / max_level
 
 
+DECODER_HEADS = ("conv", "transpose")
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(schema.ModelConfig):
   """``config.model`` of the VAE family.
@@ -290,6 +311,11 @@ class VAEConfig(schema.ModelConfig):
     conv_channels: channels of each stride-2 layer of the conv encoder (the
       decoder mirrors them); H and W must be divisible by 2^len.
     dense_size: width of the conv net's dense layer.
+    conv_kernel_size: k of the conv net's k x k (transposed) convolutions.
+    decoder_head: "conv": the decoder's transposed convolutions mirror the
+      encoder's channels and a 3x3 convolution gives the outputs;
+      "transpose": the last transposed convolution gives them (the DCGAN-
+      style mirror, e.g. the PyTorch peer's VAE with conv_kernel_size 4).
     hidden_sizes: widths of the MLP's hidden layers.
     likelihood: "bernoulli" (binary data), "discretized_logistic" or
       "discretized_gaussian" (8-bit data).
@@ -308,6 +334,8 @@ class VAEConfig(schema.ModelConfig):
   latent_dim: int = 32
   conv_channels: tuple[int, ...] = (32, 64)
   dense_size: int = 256
+  conv_kernel_size: int = 3
+  decoder_head: str = schema.choice("conv", DECODER_HEADS)
   hidden_sizes: tuple[int, ...] = (200, 200)
   likelihood: str = schema.choice("bernoulli", LIKELIHOODS)
   binarize: str = schema.binarization("dynamic")
@@ -321,6 +349,8 @@ class VAEConfig(schema.ModelConfig):
     schema.require_binarization(self.binarize, self.likelihood)
     schema.require(self.latent_dim >= 1, "latent_dim", self.latent_dim,
                    "must be >= 1")
+    schema.require(self.conv_kernel_size >= 1, "conv_kernel_size",
+                   self.conv_kernel_size, "must be >= 1")
     factor = 2 ** len(self.conv_channels)
     schema.require(
         self.architecture != "conv" or not (self.image_shape[0] % factor or
@@ -355,7 +385,9 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
   model = VAE(image_shape=image_shape, latent_dim=cfg.latent_dim,
               architecture=cfg.architecture, likelihood=cfg.likelihood,
               conv_channels=cfg.conv_channels,
-              hidden_sizes=cfg.hidden_sizes, dense_size=cfg.dense_size)
+              hidden_sizes=cfg.hidden_sizes, dense_size=cfg.dense_size,
+              conv_kernel_size=cfg.conv_kernel_size,
+              decoder_head=cfg.decoder_head)
   likelihood = cfg.likelihood
   binary = likelihood == "bernoulli"
   num_dims = math.prod(image_shape)

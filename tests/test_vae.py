@@ -200,3 +200,32 @@ def test_kl_warmup_and_dynamic_binarization():
 def test_bad_model_config_is_named(overrides, message):
   with pytest.raises(ValueError, match=message):
     make_family(_model_config(**overrides))
+
+
+def test_transpose_head_is_the_dcgan_mirror():
+  """decoder_head "transpose": the last transposed convolution gives the
+  outputs (no 3x3 head); with k = 4 the parameters are exactly the sum over
+  the layers of the mirror-image conv net (the PyTorch peer's VAE)."""
+  z_dim, (c1, c2), fc, k = 8, (4, 6), 16, 4
+  model = vae.VAE(image_shape=(8, 8, 1), latent_dim=z_dim,
+                  architecture="conv", likelihood="bernoulli",
+                  conv_channels=(c1, c2), hidden_sizes=(), dense_size=fc,
+                  conv_kernel_size=k, decoder_head="transpose")
+  x = jnp.zeros((3, 8, 8, 1))
+  params = model.init(jax.random.PRNGKey(0), x,
+                      method=lambda m, x: m.decode(m.encode(x)[0]))["params"]
+  decoder = params["decoder"]
+  assert sorted(decoder) == ["ConvTranspose_0", "ConvTranspose_1", "Dense_0",
+                             "Dense_1"]
+  assert decoder["ConvTranspose_1"]["kernel"].shape == (k, k, c1, 1)
+  count = lambda tree: sum(a.size for a in jax.tree.leaves(tree))  # noqa
+  conv = lambda i, o: k * k * i * o + o  # noqa: E731
+  dense = lambda i, o: i * o + o  # noqa: E731
+  flat = 2 * 2 * c2
+  assert count(params["encoder"]) == (conv(1, c1) + conv(c1, c2) +
+                                      dense(flat, fc) + dense(fc, 2 * z_dim))
+  assert count(decoder) == (dense(z_dim, fc) + dense(fc, flat) +
+                            conv(c2, c1) + conv(c1, 1))
+  out = model.apply({"params": params}, jnp.zeros((3, z_dim)),
+                    method=lambda m, z: m.decode(z))
+  assert out.shape == (3, 8, 8, 1)

@@ -24,7 +24,7 @@ run time beyond one element-wise product with the kernel.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -126,17 +126,59 @@ class MaskedConv(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, H, W, Cin] -> [B, H, W, features]."""
+  def __call__(self, x: Array, position: Optional[Position] = None
+               ) -> Array:
+    """[B, H, W, Cin] -> [B, H, W, features].
+
+    With ``position`` (cached sampling, pixels visited in raster order):
+    x is either the whole current image, [B, H, W, Cin] (the first layer:
+    the canvas itself), whose window around the pixel is read directly, or
+    the input at that one pixel, [B, 1, 1, Cin] (deeper layers), which is
+    written into this layer's "cache" collection (its zero-padded input,
+    [B, cy + H, W + kw - 1, Cin]) before the window is read from there.
+    Returns the output at that pixel, [B, 1, 1, features]: the number the
+    full convolution gives there once every earlier pixel has been visited
+    -- later pixels are masked out or lie in rows the kernel does not have.
+    """
     kh, kw = self.kernel_size
     cy, cx = self.center if self.center is not None else (kh // 2, kw // 2)
     # Rows below the centre are all closed: drop them from the kernel.
     kh = cy + 1
     mask = causal_mask((kh, kw), (cy, cx), x.shape[-1], self.features,
                        self.num_groups, self.mask_type, self.out_repeats)
-    return Conv(
-        self.features, (kh, kw), padding=((cy, 0), (cx, kw - 1 - cx)),
-        mask=jnp.asarray(mask), kernel_init=self.kernel_init)(x)
+    padding = ((cy, 0), (cx, kw - 1 - cx))
+    conv = lambda pad: Conv(  # noqa: E731
+        self.features, (kh, kw), padding=pad, mask=jnp.asarray(mask),
+        kernel_init=self.kernel_init)
+    if position is None:
+      return conv(padding)(x)
+    batch, channels = x.shape[0], x.shape[-1]
+    if tuple(x.shape[1:3]) == (position.height, position.width):
+      padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    elif (kh, kw) == (1, 1):  # Reads only the pixel itself: nothing to keep.
+      return conv("VALID")(x)
+    else:
+      cache = self.variable(
+          "cache", "inputs", jnp.zeros,
+          (batch, cy + position.height, position.width + kw - 1, channels),
+          x.dtype)
+      cache.value = jax.lax.dynamic_update_slice(
+          cache.value, x.astype(cache.value.dtype),
+          (0, position.row + cy, position.col + cx, 0))
+      padded = cache.value
+    window = jax.lax.dynamic_slice(padded, (0, position.row, position.col, 0),
+                                   (batch, kh, kw, channels))
+    return conv("VALID")(window)
+
+
+class Position(NamedTuple):
+  """One pixel of a height x width image, for cached sampling: row and col
+  may be traced integers; height and width are static."""
+
+  row: Array
+  col: Array
+  height: int
+  width: int
 
 
 def down_shift(x: Array) -> Array:

@@ -31,12 +31,12 @@ Array = jax.Array
 
 
 def _output_head(h: Array, num_output_filters: int, num_groups: int,
-                 num_outputs: int) -> Array:
+                 num_outputs: int, position=None) -> Array:
   """ReLU -> masked 1x1 (B) -> ReLU -> masked 1x1 (B) to the parameters."""
   h = layers.MaskedConv(num_output_filters, (1, 1), "B", num_groups)(
-      jax.nn.relu(h))
+      jax.nn.relu(h), position)
   return layers.MaskedConv(num_groups * num_outputs, (1, 1), "B", num_groups)(
-      jax.nn.relu(h))
+      jax.nn.relu(h), position)
 
 
 class _MaskedNetwork(nn.Module):
@@ -75,21 +75,34 @@ class PixelCNN(_MaskedNetwork):
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
-               train: bool = False) -> Array:
-    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
+               train: bool = False,
+               position: Optional[layers.Position] = None) -> Array:
+    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs].
+
+    With ``position``: cached sampling, one pixel at a time in raster order
+    (x is the current canvas; the output is the pixel's parameters, [B, 1,
+    1, G * K]); the deeper masked convolutions keep their inputs in the
+    mutable "cache" collection. Each pixel then costs one position of every
+    layer instead of a pass over the image. Exact for per-channel models
+    too: no feature at a pixel depends on the pixel's last channel, so the
+    caches written at its last channel's step are final.
+    """
     del train  # No dropout.
     g, k = self.num_groups, self.kernel_size
     h = layers.MaskedConv(2 * self.width,
                           (self.first_kernel_size, self.first_kernel_size),
-                          "A", g)(x)  # [B, H, W, 2h]
+                          "A", g)(x, position)  # [B, H, W, 2h]
     for i in range(self.num_layers):
-      y = layers.MaskedConv(self.width, (1, 1), "B", g)(jax.nn.relu(h))
-      y = layers.MaskedConv(self.width, (k, k), "B", g)(jax.nn.relu(y))
+      y = layers.MaskedConv(self.width, (1, 1), "B", g)(jax.nn.relu(h),
+                                                         position)
+      y = layers.MaskedConv(self.width, (k, k), "B", g)(jax.nn.relu(y),
+                                                         position)
       y = layers.MaskedConv(2 * self.width, (1, 1), "B", g)(
-          jax.nn.relu(y))
+          jax.nn.relu(y), position)
       h = h + y + layers.label_embedding(label, self.num_classes,
                                          2 * self.width, f"label_{i}")
-    return _output_head(h, self.num_output_filters, g, self.num_outputs)
+    return _output_head(h, self.num_output_filters, g, self.num_outputs,
+                        position)
 
 
 class GatedPixelCNN(_MaskedNetwork):
