@@ -26,6 +26,18 @@ CASES = [
 ]
 
 
+def same_init_then_perturbed(reference, module, x):
+  """Checks that both modules initialise the same parameters (names, shapes,
+  values); returns them with a random offset (non-zero bias, generic
+  kernel)."""
+  init = reference.init(jax.random.key(1), x)
+  init_other = module.init(jax.random.key(1), x)
+  assert jax.tree.structure(init) == jax.tree.structure(init_other)
+  jax.tree.map(np.testing.assert_array_equal, init, init_other)
+  return jax.tree.map(
+      lambda a: a + jax.random.normal(jax.random.key(2), a.shape), init)
+
+
 @pytest.mark.parametrize("kernel,strides,padding,size", CASES)
 def test_sub_pixel_form_equals_conv_transpose(kernel, strides, padding, size):
   """Same parameters (names, shapes, initial values), same outputs and same
@@ -34,13 +46,7 @@ def test_sub_pixel_form_equals_conv_transpose(kernel, strides, padding, size):
   reference = nn.ConvTranspose(4, kernel, strides=strides, padding=padding)
   sub_pixel = SubPixelConvTranspose(4, kernel, strides=strides,
                                     padding=padding)
-  init = reference.init(jax.random.key(1), x)
-  init_sub = sub_pixel.init(jax.random.key(1), x)
-  assert jax.tree.structure(init) == jax.tree.structure(init_sub)
-  jax.tree.map(np.testing.assert_array_equal, init, init_sub)
-  # Non-zero bias and a generic kernel.
-  variables = jax.tree.map(
-      lambda a: a + jax.random.normal(jax.random.key(2), a.shape), init)
+  variables = same_init_then_perturbed(reference, sub_pixel, x)
 
   @jax.jit
   def outputs_and_grads(variables, x):
@@ -106,12 +112,7 @@ def test_conv_equals_flax_conv(kernel, strides, padding, masked, kernel_grad):
   reference = nn.Conv(5, kernel, strides=strides, padding=padding, mask=mask)
   fast = Conv(5, kernel, strides=strides, padding=padding, mask=mask,
               kernel_grad=kernel_grad)
-  init = reference.init(jax.random.key(1), x)
-  init_fast = fast.init(jax.random.key(1), x)
-  assert jax.tree.structure(init) == jax.tree.structure(init_fast)
-  jax.tree.map(np.testing.assert_array_equal, init, init_fast)
-  variables = jax.tree.map(
-      lambda a: a + jax.random.normal(jax.random.key(2), a.shape), init)
+  variables = same_init_then_perturbed(reference, fast, x)
   close = lambda a, b: np.testing.assert_allclose(  # noqa: E731
       a, b, rtol=1e-5, atol=1e-5)
   close(fast.apply(variables, x), reference.apply(variables, x))

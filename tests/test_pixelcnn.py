@@ -5,6 +5,7 @@ samples that follow the model's own probabilities, deterministic sampling,
 binarization, class conditioning, config errors and the paper config.
 """
 
+import functools
 import itertools
 
 import jax
@@ -137,7 +138,7 @@ def test_sampling_is_deterministic_and_scored_finite(architecture, likelihood,
 @pytest.mark.parametrize("architecture", ["pixelcnn", "gated_pixelcnn"])
 def test_fast_sampling_window_is_exact_and_tight(architecture):
   """The output at row r equals the output computed on the receptive_rows
-  rows ending at r alone; one row fewer changes it. So the windowed sampler
+  rows ending at r alone; one row fewer changes it. And the cached sampler
   draws exactly the naive sampler's images."""
   shape = (7, 3, 2)
   config = model_config(architecture=architecture, image_shape=shape,
@@ -156,8 +157,6 @@ def test_fast_sampling_window_is_exact_and_tight(architecture):
     close = np.allclose(last, full[:, -1], atol=1e-5)
     assert close == exact, (rows, exact)
 
-  # PixelCNN samples through its cached path, Gated PixelCNN through the
-  # window: both draw the full-pass sampler's images.
   fast = ar.make(config)
   naive = ar.make(model_config(architecture=architecture, image_shape=shape,
                                likelihood="categorical", binarize="none",
@@ -168,18 +167,22 @@ def test_fast_sampling_window_is_exact_and_tight(architecture):
       jax.jit(naive.sample, static_argnums=2)(*sample_args))
 
 
-@pytest.mark.parametrize("likelihood,shape", [
-    ("categorical", (4, 5, 3)),  # colour groups, per-channel steps
-    ("logistic_mixture", (3, 4, 3)),  # one step per pixel
+@pytest.mark.parametrize("architecture,likelihood,shape", [
+    ("pixelcnn", "categorical", (4, 5, 3)),  # colour groups, per channel
+    ("pixelcnn", "logistic_mixture", (3, 4, 3)),  # one step per pixel
+    ("gated_pixelcnn", "categorical", (4, 5, 3)),
+    ("gated_pixelcnn", "logistic_mixture", (3, 4, 3)),
 ])
-def test_cached_pixelcnn_outputs_equal_the_full_pass(likelihood, shape):
+def test_cached_outputs_equal_the_full_pass(architecture, likelihood, shape):
   """The sampler's procedure on a random image: at every step (pixel, and
   channel for per-channel models) the canvas holds the earlier pixels and
-  the pixel's earlier channels; the cached step's outputs equal the full
-  network's outputs at that pixel on that canvas."""
-  config = model_config(architecture="pixelcnn", image_shape=shape,
-                        likelihood=likelihood, binarize="none", num_layers=2,
+  the pixel's earlier channels; the cached step's outputs (after the
+  vertical stack's row at each row start, for Gated PixelCNN) equal the
+  full network's outputs at that pixel on that canvas."""
+  config = model_config(architecture=architecture, image_shape=shape,
+                        likelihood=likelihood, binarize="none", num_layers=3,
                         first_kernel_size=5)
+  gated = architecture == "gated_pixelcnn"
   net = ar.build_network(schema.parse(ar.PixelCNNConfig, config))
   x = jax.random.uniform(jax.random.PRNGKey(0), (2,) + shape, minval=-1.0)
   params = jax.jit(net.init)(ar.rbg_key(jax.random.PRNGKey(1)), x)["params"]
@@ -187,25 +190,33 @@ def test_cached_pixelcnn_outputs_equal_the_full_pass(likelihood, shape):
   height, width, channels = shape
   steps_per_pixel = channels if likelihood == "categorical" else 1
 
-  def step(variables, canvas, row, col):
+  def step(cache, canvas, row, col, **stack):
+    variables = {"params": params}
+    if cache is not None:
+      variables["cache"] = cache
     out, variables = net.apply(
         variables, canvas, None,
         position=ar_layers.Position(row, col, height, width),
-        mutable=["cache"])
+        mutable=["cache"], **stack)
     return out[:, 0, 0], variables["cache"]
 
-  _, cache = step({"params": params}, x, 0, 0)
-  cache = jax.tree.map(jnp.zeros_like, cache)
-  # The 3x3 layers' inputs are cached; the 1x1 ones need none.
-  assert len(jax.tree.leaves(cache)) == 2
-  cached_step = jax.jit(lambda cache, canvas, row, col: step(
-      {"params": params, "cache": cache}, canvas, row, col))
+  cache = step(None, x, 0, 0, stack="vertical")[1] if gated else None
+  cache = jax.tree.map(jnp.zeros_like, step(cache, x, 0, 0)[1])
+  # PixelCNN: the 3x3 layers' inputs (the 1x1 ones need none). Gated: the
+  # inputs of the horizontal 1 x 2 and the vertical 2 x 3 layers after the
+  # first (which read the canvas), and each vertical layer's
+  # pre-activation row.
+  assert len(jax.tree.leaves(cache)) == (2 + 2 + 3 if gated else 3)
+  cached_step = jax.jit(step)
+  vertical = jax.jit(functools.partial(step, stack="vertical"))
   order = np.arange(height * width * channels).reshape(shape)
   for row in range(height):
     for col in range(width):
       for ch in range(steps_per_pixel):
         known = order < order[row, col, ch]  # earlier pixels and channels
         canvas = jnp.where(known, x, 0.0)
+        if gated and col == 0 and ch == 0:
+          cache = vertical(cache, canvas, row, col)[1]
         out, cache = cached_step(cache, canvas, row, col)
         np.testing.assert_allclose(out, full(canvas)[:, row, col], atol=2e-5,
                                    err_msg=f"step {(row, col, ch)}")

@@ -133,29 +133,88 @@ class GatedPixelCNN(_MaskedNetwork):
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
-               train: bool = False) -> Array:
-    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
+               train: bool = False,
+               position: Optional[layers.Position] = None,
+               stack: str = "horizontal") -> Array:
+    """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs].
+
+    Cached sampling (``position`` given, x the current canvas): the vertical
+    stack at row r depends on rows < r only, so ``stack="vertical"``
+    computes row ``position.row`` of every vertical layer once per image
+    row (from cached rows of their inputs) and keeps the pre-activations in
+    the "cache" collection; ``stack="horizontal"`` then computes one pixel
+    of every horizontal layer and the outputs there, [B, 1, 1, G * K].
+    Modules carry explicit names equal to their automatic ones, so both
+    passes and the full network share parameters (and old checkpoints).
+    """
     del train  # No dropout.
-    n, g = self.width, self.num_groups
+    n, g, num_layers = self.width, self.num_groups, self.num_layers
+    decode = position is not None
     v, h = x, x
-    for i in range(self.num_layers):
+    for i in range(num_layers):
       first = i == 0
       k = self.first_kernel_size if first else self.kernel_size
-      v_pre = Conv(2 * n, (k // 2 + 1, k),
-                      padding=((k // 2, 0), (k // 2, k // 2)))(v)
-      if first:
-        v_pre = layers.down_shift(v_pre)  # Rows < r only from here on.
-      v_pre = v_pre + layers.label_embedding(label, self.num_classes, 2 * n,
-                                             f"label_v_{i}")
+      if not decode or stack == "vertical":
+        v_pre = self._vertical(v, i, k, position)
+        v_pre = v_pre + layers.label_embedding(label, self.num_classes, 2 * n,
+                                               f"label_v_{i}")
+        v = layers.gate(v_pre)  # [B, H, W, n] (decode: [B, 1, W, n])
+        if decode:
+          row = self.variable("cache", f"v_pre_{i}", jnp.zeros, v_pre.shape,
+                              v_pre.dtype)
+          row.value = v_pre
+          continue
+      else:
+        row = self.variable("cache", f"v_pre_{i}", jnp.zeros,
+                            (x.shape[0], 1, position.width, 2 * n), x.dtype)
+        v_pre = jax.lax.dynamic_slice_in_dim(row.value, position.col, 1,
+                                             axis=2)  # [B, 1, 1, 2n]
       h_pre = layers.MaskedConv(2 * n, (1, k // 2 + 1), "A" if first else "B",
-                                g, out_repeats=2, center=(0, k // 2))(h)
-      h_pre = (h_pre + Conv(2 * n, (1, 1))(v_pre) +
+                                g, out_repeats=2, center=(0, k // 2),
+                                name=f"MaskedConv_{2 * i}")(h, position)
+      h_pre = (h_pre + Conv(2 * n, (1, 1), name=f"Conv_{2 * i + 1}")(v_pre) +
                layers.label_embedding(label, self.num_classes, 2 * n,
                                       f"label_h_{i}"))
-      v = layers.gate(v_pre)  # [B, H, W, n]
-      h_out = layers.MaskedConv(n, (1, 1), "B", g)(layers.gate(h_pre))
+      h_out = layers.MaskedConv(n, (1, 1), "B", g,
+                                name=f"MaskedConv_{2 * i + 1}")(
+                                    layers.gate(h_pre), position)
       h = h_out if first else h + h_out
-    return _output_head(h, self.num_output_filters, g, self.num_outputs)
+    if decode and stack == "vertical":
+      return v
+    h = layers.MaskedConv(self.num_output_filters, (1, 1), "B", g,
+                          name=f"MaskedConv_{2 * num_layers}")(
+                              jax.nn.relu(h), position)
+    return layers.MaskedConv(g * self.num_outputs, (1, 1), "B", g,
+                             name=f"MaskedConv_{2 * num_layers + 1}")(
+                                 jax.nn.relu(h), position)
+
+  def _vertical(self, v: Array, i: int, k: int,
+                position: Optional[layers.Position]) -> Array:
+    """Pre-activations of vertical layer i: a (k // 2 + 1) x k convolution
+    over rows r - k // 2..r (the first layer's result moved one row down).
+    With ``position``: only row ``position.row``, [B, 1, W, 2n], from the
+    canvas (first layer) or from this layer's cache of earlier input rows
+    (v is then the previous layer's row r)."""
+    conv = lambda pad: Conv(2 * self.width, (k // 2 + 1, k), padding=pad,  # noqa: E731
+                            name=f"Conv_{2 * i}")
+    if position is None:
+      v_pre = conv(((k // 2, 0), (k // 2, k // 2)))(v)
+      return layers.down_shift(v_pre) if i == 0 else v_pre
+    r, rows = position.row, k // 2 + 1
+    if i == 0:
+      # Row r of the shifted result is row r - 1 of the convolution (zero at
+      # r = 0): canvas rows r - 1 - k // 2..r - 1, zero-padded above.
+      padded = jnp.pad(v, ((0, 0), (rows, 0), (k // 2, k // 2), (0, 0)))
+      window = jax.lax.dynamic_slice_in_dim(padded, r, rows, axis=1)
+      return jnp.where(r == 0, 0.0, conv("VALID")(window))
+    cache = self.variable(
+        "cache", f"v_in_{i}", jnp.zeros,
+        (v.shape[0], k // 2 + position.height, position.width + 2 * (k // 2),
+         v.shape[-1]), v.dtype)
+    cache.value = jax.lax.dynamic_update_slice(
+        cache.value, v.astype(cache.value.dtype), (0, r + k // 2, k // 2, 0))
+    window = jax.lax.dynamic_slice_in_dim(cache.value, r, rows, axis=1)
+    return conv("VALID")(window)
 
 
 class GatedResnet(nn.Module):
