@@ -35,7 +35,10 @@ class Family(NamedTuple):
     evaluate: ``evaluate(params, batch, key) -> {name: [B] array}``. Per
       example, with at least ``"nll_nats"`` (an upper bound on the negative
       log-likelihood in nats of the discrete data) and ``"bpd"`` (the same
-      in bits per dimension).
+      in bits per dimension). A [B, D] array is a vector per example (the
+      VAE's posterior means), reported as its count of active components;
+      ``"<name>_estimator_var"`` [B] is a Monte Carlo estimate's variance
+      (see ``train.evaluate_dataset``).
     sample: ``sample(params, key, num) -> [num, H, W, C]`` float32 in [0, 1].
     visualize: optional ``visualize(params, batch, key) -> {name: images}``
       with images ``[N, H, W, C]`` float32 in [0, 1]: family-specific pictures

@@ -265,6 +265,16 @@ def build(config: ml_collections.ConfigDict,
 
 # Per-example metrics whose standard error over examples is reported too.
 STDERR_METRICS = ("nll_nats", "bpd")
+# A per-example metric "<name>_estimator_var" is the variance of a Monte
+# Carlo estimate inside ``evaluate`` (e.g. the diffusion bound's timestep
+# draws); it is reported as "<name>_estimator_sd" (root mean variance, per
+# example) and "<name>_estimator_stderr" (that noise's share of the standard
+# error of the mean, already included in "<name>_stderr").
+ESTIMATOR_VAR_SUFFIX = "_estimator_var"
+# A per-example vector [B, D] (e.g. the VAE's posterior means) is reported
+# as the number of its D components whose variance over the examples is
+# above this (the "active units" of Burda et al., 2016).
+ACTIVITY_THRESHOLD = 1e-2
 
 
 def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
@@ -273,7 +283,10 @@ def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
                      memory_hint: str = "") -> dict[str, float]:
   """Means of the per-example metrics over the first ``num_examples``
   examples of ``source`` (all if negative), plus ``<name>_stderr`` (the
-  standard error of the mean over examples) for nll_nats and bpd.
+  standard error of the mean over examples) for nll_nats and bpd, the
+  estimator noise of metrics that report it (``ESTIMATOR_VAR_SUFFIX``), and
+  for per-example vectors [B, D] the count of active components
+  (``ACTIVITY_THRESHOLD``).
 
   ``on_batch(done, total, running_means)`` is called after every batch (for
   progress displays). Before the first batch, a jitted ``evaluate_fn`` is
@@ -293,22 +306,33 @@ def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
     out = evaluate_fn(params, batch, batch_key)
     for name, values in jax.device_get(out).items():
       values = np.asarray(values, np.float64)
-      if values.shape != (batch_size,):
+      if values.shape[:1] != (batch_size,) or values.ndim > 2:
         raise ValueError(
-            f"evaluate() must return per-example [B] arrays; {name!r} has"
-            f" shape {values.shape}.")
-      sums[name] = sums.get(name, 0.0) + float(values[:valid].sum())
-      squares[name] = squares.get(name, 0.0) + float(
-          np.square(values[:valid]).sum())
+            f"evaluate() must return per-example [B] or [B, D] arrays;"
+            f" {name!r} has shape {values.shape}.")
+      sums[name] = sums.get(name, 0.0) + values[:valid].sum(axis=0)
+      squares[name] = squares.get(name, 0.0) + np.square(
+          values[:valid]).sum(axis=0)
     done += valid
     if on_batch is not None:
-      on_batch(done, total, {k: v / done for k, v in sums.items()})
-  results = {name: value / total for name, value in sums.items()}
+      on_batch(done, total, {k: float(v) / done for k, v in sums.items()
+                             if np.ndim(v) == 0})
+  vectors = {name for name, value in sums.items() if np.ndim(value)}
+  results = {name: float(value) / total for name, value in sums.items()
+             if name not in vectors}
+  for name in sorted(vectors):
+    variance = squares[name] / total - np.square(sums[name] / total)
+    results[name] = float(np.sum(variance > ACTIVITY_THRESHOLD))
   for name in STDERR_METRICS:
     if name in sums and total > 1:
       variance = max(squares[name] / total - results[name] ** 2, 0.0)
       results[f"{name}_stderr"] = float(np.sqrt(variance * total / (total - 1)
                                                 / total))
+  for name in [k for k in results if k.endswith(ESTIMATOR_VAR_SUFFIX)]:
+    base = name[:-len(ESTIMATOR_VAR_SUFFIX)]
+    mean_variance = max(results.pop(name), 0.0)
+    results[f"{base}_estimator_sd"] = float(np.sqrt(mean_variance))
+    results[f"{base}_estimator_stderr"] = float(np.sqrt(mean_variance / total))
   return results
 
 

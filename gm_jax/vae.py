@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -51,12 +51,91 @@ def reparameterize(mean: Array, log_std: Array, key: Array) -> Array:
   return mean + jnp.exp(log_std) * eps
 
 
+class LatentModel(NamedTuple):
+  """A latent-variable model p(x, z) with its proposal q(z | x), as the
+  bounds below see it.
+
+  encode: x -> the statistics of q(. | x) that do not depend on the draws
+    (computed once per x, whatever the number of samples).
+  log_weights: (encoded, x, key, num) -> (log_px, log_ratio), each
+    [num, B]: for num reparameterised draws z_i ~ q(z | x),
+    log p(x | z_i) and log p(z_i) - log q(z_i | x). log w_i is their sum.
+  kl: optional encoded -> [B] KL(q(z | x) || p(z)) in closed form; the ELBO
+    then uses it in place of the Monte Carlo mean of -log_ratio (same
+    expectation, less variance).
+  """
+  encode: Callable[[Array], Any]
+  log_weights: Callable[[Any, Array, Array, int], tuple[Array, Array]]
+  kl: Optional[Callable[[Any], Array]] = None
+
+
+def _check_gaussian(mean: Array, log_std: Array) -> None:
+  if mean.shape != log_std.shape or mean.ndim != 2:
+    raise ValueError(
+        "encode(x) must return (mean, log_std) of the same shape [B, Z]; got"
+        f" {mean.shape} and {log_std.shape}.")
+
+
+def gaussian_latent_model(encode: Encoder,
+                          log_likelihood: LogLikelihood) -> LatentModel:
+  """One Gaussian latent layer: q(z | x) = N(mean(x), exp(log_std(x))^2),
+  p(z) = N(0, I), p(x | z) from ``log_likelihood``."""
+
+  def encode_checked(x):
+    mean, log_std = encode(x)
+    _check_gaussian(mean, log_std)
+    return mean, log_std
+
+  def log_weights(encoded, x, key, num):
+    mean, log_std = encoded
+    eps = jax.random.normal(key, (num,) + mean.shape, mean.dtype)
+    z = mean + jnp.exp(log_std) * eps  # [num, B, Z]
+    log_q = jnp.sum(losses.gaussian_log_prob(z, mean, log_std), axis=-1)
+    log_prior = jnp.sum(losses.gaussian_log_prob(z, 0.0, 0.0), axis=-1)
+    if num == 1:  # the same program as a plain one-sample call
+      log_px = log_likelihood(x, z[0])[None]
+    else:
+      log_px = jax.vmap(lambda zi: log_likelihood(x, zi))(z)  # [num, B]
+    if log_px.shape != log_q.shape:
+      raise ValueError("log_likelihood(x, z) must return [B]; got shape"
+                       f" {log_px.shape[1:]} for B={mean.shape[0]}.")
+    return log_px, log_prior - log_q
+
+  return LatentModel(encode_checked, log_weights,
+                     kl=lambda encoded: losses.gaussian_kl(*encoded))
+
+
+def multi_sample_elbo(model: LatentModel, x: Array, key: Array,
+                      num_samples: int = 1,
+                      beta: float | Array = 1.0) -> dict[str, Array]:
+  """The evidence lower bound estimated with k reparameterised samples.
+
+  ELBO(x) = E_q[log p(x | z)] - KL(q(z | x) || p(z)) <= log p(x), with the
+  expectation the mean over k draws and the KL in closed form where
+  ``model.kl`` gives it (else the mean of log q - log p over the same
+  draws). Its expectation is the ELBO whatever k; k only lowers the
+  variance (the "VAE with k samples" of Burda et al.).
+
+  Returns:
+    dict of [B] arrays: "elbo", "objective" (= log_likelihood - beta * kl,
+    the quantity to maximise), "log_likelihood" and "kl".
+  """
+  encoded = model.encode(x)
+  log_px, log_ratio = model.log_weights(encoded, x, key, num_samples)
+  log_px = jnp.mean(log_px, axis=0)
+  kl = model.kl(encoded) if model.kl is not None else -jnp.mean(log_ratio,
+                                                                axis=0)
+  return {"elbo": log_px - kl, "objective": log_px - beta * kl,
+          "log_likelihood": log_px, "kl": kl}
+
+
 def elbo(encode: Encoder, log_likelihood: LogLikelihood, x: Array, key: Array,
          beta: float | Array = 1.0) -> dict[str, Array]:
   """The evidence lower bound with one reparameterised sample, per example.
 
   ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || N(0, I)) <= log p(x), with the
-  expectation estimated from one z = mean + sigma * eps and the KL exact.
+  expectation estimated from one z = mean + sigma * eps and the KL exact
+  (``multi_sample_elbo`` of ``gaussian_latent_model`` with k = 1).
 
   Args:
     encode: x -> (mean, log_std), each [B, Z].
@@ -69,33 +148,24 @@ def elbo(encode: Encoder, log_likelihood: LogLikelihood, x: Array, key: Array,
     dict of [B] arrays: "elbo", "objective" (= log_likelihood - beta * kl,
     the quantity to maximise), "log_likelihood" and "kl".
   """
-  mean, log_std = encode(x)
-  if mean.shape != log_std.shape or mean.ndim != 2:
-    raise ValueError(
-        "encode(x) must return (mean, log_std) of the same shape [B, Z]; got"
-        f" {mean.shape} and {log_std.shape}.")
-  z = reparameterize(mean, log_std, key)
-  log_px = log_likelihood(x, z)
-  if log_px.shape != mean.shape[:1]:
-    raise ValueError("log_likelihood(x, z) must return [B]; got shape"
-                     f" {log_px.shape} for B={mean.shape[0]}.")
-  kl = losses.gaussian_kl(mean, log_std)
-  return {"elbo": log_px - kl, "objective": log_px - beta * kl,
-          "log_likelihood": log_px, "kl": kl}
+  return multi_sample_elbo(gaussian_latent_model(encode, log_likelihood), x,
+                           key, 1, beta)
 
 
-def iwae_bound(encode: Encoder, log_likelihood: LogLikelihood, x: Array,
-               key: Array, num_samples: int,
-               chunk_size: int | None = None) -> Array:
+def importance_weighted_bound(model: LatentModel, x: Array, key: Array,
+                              num_samples: int,
+                              chunk_size: int | None = None) -> Array:
   """The importance-weighted bound (Burda et al., 2016) with k samples.
 
   L_k(x) = log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x), which
-  increases with k towards log p(x) (L_1 is the ELBO). The k samples are
-  processed ``chunk_size`` at a time with a running logsumexp, so memory is
-  that of ``chunk_size`` decoder passes whatever k is.
+  increases with k towards log p(x) (L_1 is the ELBO). Differentiable: its
+  reparameterised gradient is the IWAE training gradient, the sum of the
+  per-sample gradients weighted by the normalised weights. The k samples
+  are processed ``chunk_size`` at a time with a running logsumexp, so
+  memory is that of ``chunk_size`` decoder passes whatever k is.
 
   Args:
-    encode, log_likelihood: as in ``elbo``.
+    model: the model and proposal (``LatentModel``).
     x: [B, ...] data.
     key: PRNG key.
     num_samples: k >= 1.
@@ -110,25 +180,32 @@ def iwae_bound(encode: Encoder, log_likelihood: LogLikelihood, x: Array,
     raise ValueError(
         f"iwae_bound: num_samples={num_samples} must be a positive multiple of"
         f" chunk_size={chunk_size}.")
-  mean, log_std = encode(x)
+  encoded = model.encode(x)
   num_chunks = num_samples // chunk_size
 
   def log_weights(chunk_key):
-    eps = jax.random.normal(chunk_key, (chunk_size,) + mean.shape, mean.dtype)
-    z = mean + jnp.exp(log_std) * eps  # [c, B, Z]
-    log_q = jnp.sum(losses.gaussian_log_prob(z, mean, log_std), axis=-1)
-    log_prior = jnp.sum(losses.gaussian_log_prob(z, 0.0, 0.0), axis=-1)
-    log_px = jax.vmap(lambda zi: log_likelihood(x, zi))(z)  # [c, B]
-    return log_px + log_prior - log_q
+    log_px, log_ratio = model.log_weights(encoded, x, chunk_key, chunk_size)
+    return log_px + log_ratio  # [c, B]
 
   def body(running, chunk_key):
     chunk = jax.nn.logsumexp(log_weights(chunk_key), axis=0)
     return jnp.logaddexp(running, chunk), None
 
   keys = jax.random.split(key, num_chunks)
-  init = jnp.full(mean.shape[:1], -jnp.inf, mean.dtype)
+  batch = jax.tree.leaves(encoded)[0].shape[0]
+  init = jnp.full((batch,), -jnp.inf, jnp.float32)
   total, _ = jax.lax.scan(body, init, keys)
   return total - math.log(num_samples)
+
+
+def iwae_bound(encode: Encoder, log_likelihood: LogLikelihood, x: Array,
+               key: Array, num_samples: int,
+               chunk_size: int | None = None) -> Array:
+  """``importance_weighted_bound`` of one Gaussian latent layer
+  (``gaussian_latent_model(encode, log_likelihood)``): [B] L_k in nats."""
+  return importance_weighted_bound(
+      gaussian_latent_model(encode, log_likelihood), x, key, num_samples,
+      chunk_size)
 
 
 # ----------------------------------------------------------------------------
@@ -221,7 +298,14 @@ class MLPDecoder(nn.Module):
 
 
 class VAE(nn.Module):
-  """Encoder and decoder in one module; ``decode`` gives raw outputs."""
+  """Encoder and decoder in one module; ``decode`` gives raw outputs.
+
+  With ``stochastic_layers`` = 2 (MLP only, the IWAE paper's second model)
+  the latent is a pair (h1, h2): q(h1 | x) q(h2 | h1) and
+  p(h2) p(h1 | h2) p(x | h1), h1 of ``bottom_latent_dim`` units and h2 of
+  ``latent_dim``, with ``top_hidden_sizes`` tanh layers between them.
+  ``encode`` / ``decode`` are always the layer next to the data.
+  """
   image_shape: tuple[int, int, int]
   latent_dim: int
   architecture: str
@@ -231,6 +315,9 @@ class VAE(nn.Module):
   dense_size: int
   conv_kernel_size: int = 3
   decoder_head: str = "conv"
+  stochastic_layers: int = 1
+  bottom_latent_dim: int = 0
+  top_hidden_sizes: Sequence[int] = ()
 
   def setup(self):
     c = self.image_shape[-1]
@@ -241,9 +328,16 @@ class VAE(nn.Module):
       self.decoder = ConvDecoder(self.image_shape, out, self.conv_channels,
                                  self.dense_size, self.conv_kernel_size,
                                  self.decoder_head)
-    else:
-      self.encoder = MLPEncoder(self.latent_dim, self.hidden_sizes)
-      self.decoder = MLPDecoder(self.image_shape, out, self.hidden_sizes)
+      return
+    bottom = (self.latent_dim if self.stochastic_layers == 1
+              else self.bottom_latent_dim)
+    self.encoder = MLPEncoder(bottom, self.hidden_sizes)
+    self.decoder = MLPDecoder(self.image_shape, out, self.hidden_sizes)
+    if self.stochastic_layers == 2:
+      # q(h2 | h1) and p(h1 | h2): Gaussian MLPs of the same form.
+      self.top_encoder = MLPEncoder(self.latent_dim, self.top_hidden_sizes)
+      self.top_decoder = MLPEncoder(bottom,
+                                    tuple(reversed(self.top_hidden_sizes)))
 
   def encode(self, x):
     return self.encoder(x)
@@ -251,8 +345,18 @@ class VAE(nn.Module):
   def decode(self, z):
     return self.decoder(z)
 
+  def encode_top(self, h1):
+    return self.top_encoder(h1)
+
+  def decode_top(self, h2):
+    return self.top_decoder(h2)
+
   def __call__(self, x, z):
-    return self.encode(x), self.decode(z)
+    outs = (self.encode(x), self.decode(z))
+    if self.stochastic_layers == 2:
+      outs += (self.encode_top(z), self.decode_top(
+          jnp.zeros(z.shape[:1] + (self.latent_dim,), z.dtype)))
+    return outs
 
 
 # ----------------------------------------------------------------------------
@@ -297,6 +401,11 @@ def _decoder_sample(likelihood: str, key: Array, out: Array) -> Array:
 
 
 DECODER_HEADS = ("conv", "transpose")
+OBJECTIVES = ("elbo", "iwae")
+# evaluate()'s per-example posterior means, [B, Z] per latent layer, under
+# names starting with this; evaluation reports how many units are active
+# (their variance over the data above 0.01, Burda et al.'s criterion).
+ACTIVE_UNITS_PREFIX = "active_units"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +426,10 @@ class VAEConfig(schema.ModelConfig):
       "transpose": the last transposed convolution gives them (the DCGAN-
       style mirror, e.g. the PyTorch peer's VAE with conv_kernel_size 4).
     hidden_sizes: widths of the MLP's hidden layers.
+    stochastic_layers: 1, or 2 for the IWAE paper's two-layer MLP model
+      (h1 of ``bottom_latent_dim`` units, h2 of ``latent_dim``; see ``VAE``).
+    bottom_latent_dim: units of h1 with two stochastic layers.
+    top_hidden_sizes: tanh layers between h1 and h2 (both directions).
     likelihood: "bernoulli" (binary data), "discretized_logistic" or
       "discretized_gaussian" (8-bit data).
     binarize: how the Bernoulli likelihood's targets are made from bytes:
@@ -325,6 +438,10 @@ class VAEConfig(schema.ModelConfig):
     beta: weight of the KL in the training objective.
     kl_warmup_steps: the KL weight ramps linearly from 0 to beta over these
       steps (0: no warm-up).
+    objective: the training objective, "elbo" (the mean over
+      ``train_samples`` draws, KL in closed form where there is one) or
+      "iwae" (the importance-weighted bound L_k with k = ``train_samples``).
+    train_samples: k of the training objective.
     iwae_samples: k of the IWAE bound that ``evaluate`` reports as the NLL.
     iwae_chunk: samples per decoder pass of that bound; divides iwae_samples.
     sample_mean: samples show the decoder's mean rather than a pixel draw.
@@ -337,10 +454,15 @@ class VAEConfig(schema.ModelConfig):
   conv_kernel_size: int = 3
   decoder_head: str = schema.choice("conv", DECODER_HEADS)
   hidden_sizes: tuple[int, ...] = (200, 200)
+  stochastic_layers: int = 1
+  bottom_latent_dim: int = 100
+  top_hidden_sizes: tuple[int, ...] = (100, 100)
   likelihood: str = schema.choice("bernoulli", LIKELIHOODS)
   binarize: str = schema.binarization("dynamic")
   beta: float = 1.0
   kl_warmup_steps: int = 0
+  objective: str = schema.choice("elbo", OBJECTIVES)
+  train_samples: int = 1
   iwae_samples: int = 100
   iwae_chunk: int = 50
   sample_mean: bool = True
@@ -349,6 +471,22 @@ class VAEConfig(schema.ModelConfig):
     schema.require_binarization(self.binarize, self.likelihood)
     schema.require(self.latent_dim >= 1, "latent_dim", self.latent_dim,
                    "must be >= 1")
+    schema.require(self.stochastic_layers in (1, 2), "stochastic_layers",
+                   self.stochastic_layers, "must be 1 or 2")
+    schema.require(
+        self.stochastic_layers == 1 or self.architecture == "mlp",
+        "stochastic_layers", self.stochastic_layers,
+        "2 needs architecture='mlp' (the IWAE paper's model)")
+    schema.require(self.bottom_latent_dim >= 1, "bottom_latent_dim",
+                   self.bottom_latent_dim, "must be >= 1")
+    schema.require(self.train_samples >= 1, "train_samples",
+                   self.train_samples, "must be >= 1")
+    schema.require(
+        self.objective == "elbo" or (self.beta == 1.0 and
+                                     self.kl_warmup_steps == 0),
+        "objective", self.objective,
+        "'iwae' trains the bound itself: it needs beta=1 and"
+        " kl_warmup_steps=0")
     schema.require(self.conv_kernel_size >= 1, "conv_kernel_size",
                    self.conv_kernel_size, "must be >= 1")
     factor = 2 ** len(self.conv_channels)
@@ -387,7 +525,12 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
               conv_channels=cfg.conv_channels,
               hidden_sizes=cfg.hidden_sizes, dense_size=cfg.dense_size,
               conv_kernel_size=cfg.conv_kernel_size,
-              decoder_head=cfg.decoder_head)
+              decoder_head=cfg.decoder_head,
+              stochastic_layers=cfg.stochastic_layers,
+              bottom_latent_dim=cfg.bottom_latent_dim,
+              top_hidden_sizes=cfg.top_hidden_sizes)
+  two_layers = cfg.stochastic_layers == 2
+  bottom_dim = cfg.bottom_latent_dim if two_layers else cfg.latent_dim
   likelihood = cfg.likelihood
   binary = likelihood == "bernoulli"
   num_dims = math.prod(image_shape)
@@ -412,9 +555,41 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
       return _decoder_log_likelihood(likelihood, target, out)
     return encode, log_likelihood
 
+  def top_layer(params, method, h):
+    """q(h2 | h1) or p(h1 | h2) for [..., B, Z] draws: (mean, log_std)."""
+    flat = h.reshape((-1, h.shape[-1]))
+    mean, log_std = model.apply({"params": params}, flat, method=method)
+    return (mean.reshape(h.shape[:-1] + mean.shape[-1:]),
+            log_std.reshape(h.shape[:-1] + log_std.shape[-1:]))
+
+  def latent_model(params) -> LatentModel:
+    """The model and its proposal as the pure bounds take them."""
+    single = gaussian_latent_model(*bound_fns(params))
+    if not two_layers:
+      return single
+    _, log_likelihood = bound_fns(params)
+
+    def log_weights(encoded, target, key, num):
+      mean1, log_std1 = encoded
+      key1, key2 = jax.random.split(key)
+      h1 = mean1 + jnp.exp(log_std1) * jax.random.normal(
+          key1, (num,) + mean1.shape)  # [num, B, Z1]
+      log_q1 = jnp.sum(losses.gaussian_log_prob(h1, mean1, log_std1), -1)
+      mean2, log_std2 = top_layer(params, VAE.encode_top, h1)
+      h2 = reparameterize(mean2, log_std2, key2)  # [num, B, Z2]
+      log_q2 = jnp.sum(losses.gaussian_log_prob(h2, mean2, log_std2), -1)
+      prior_mean1, prior_log_std1 = top_layer(params, VAE.decode_top, h2)
+      log_p1 = jnp.sum(
+          losses.gaussian_log_prob(h1, prior_mean1, prior_log_std1), -1)
+      log_p2 = jnp.sum(losses.gaussian_log_prob(h2, 0.0, 0.0), -1)
+      log_px = jax.vmap(lambda h: log_likelihood(target, h))(h1)
+      return log_px, log_p1 + log_p2 - log_q1 - log_q2
+
+    return LatentModel(single.encode, log_weights)
+
   def init(key, batch):
     target = prepare(batch["image"], key)
-    z = jnp.zeros((target.shape[0], cfg.latent_dim), jnp.float32)
+    z = jnp.zeros((target.shape[0], bottom_dim), jnp.float32)
     return model.init(key, target, z)["params"]
 
   def loss(params, batch, key, step):
@@ -423,22 +598,47 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     weight = beta
     if warmup > 0:
       weight = beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
-    out = elbo(*bound_fns(params), target, z_key, weight)
-    objective = -jnp.mean(out["objective"])
+    latent = latent_model(params)
+    if cfg.objective == "iwae":
+      bound = importance_weighted_bound(latent, target, z_key,
+                                        cfg.train_samples)
+      objective = -jnp.mean(bound)
+      # The ELBO's terms for the curves, from one more draw.
+      out = multi_sample_elbo(latent, target, jax.random.fold_in(z_key, 1))
+    else:
+      out = multi_sample_elbo(latent, target, z_key, cfg.train_samples,
+                              weight)
+      objective = -jnp.mean(out["objective"])
     metrics = {name: jnp.mean(value)
                for name, value in _elbo_terms(out).items()}
+    if cfg.objective == "iwae":
+      metrics["neg_iwae_train_nats"] = objective
     metrics["kl_weight"] = jnp.asarray(weight, jnp.float32)
     return objective, metrics
 
   def evaluate(params, batch, key):
     bin_key, elbo_key, iwae_key = jax.random.split(key, 3)
     target = prepare(batch["image"], bin_key)
-    encode, log_likelihood = bound_fns(params)
-    bound = elbo(encode, log_likelihood, target, elbo_key)
-    nll = -iwae_bound(encode, log_likelihood, target, iwae_key, iwae_samples,
-                      iwae_chunk)
+    latent = latent_model(params)
+    bound = multi_sample_elbo(latent, target, elbo_key)
+    nll = -importance_weighted_bound(latent, target, iwae_key, iwae_samples,
+                                     iwae_chunk)
     return {"nll_nats": nll, "bpd": losses.bits_per_dim(nll, num_dims),
-            **_elbo_terms(bound)}
+            **_elbo_terms(bound), **posterior_means(params, latent, target,
+                                                    key)}
+
+  def posterior_means(params, latent, target, key):
+    """E_q[u | x] of every latent unit, [B, Z] per layer, for the active-
+    units count (``ACTIVE_UNITS_PREFIX``): exact for the layer next to the
+    data; h2's is the mean of E[h2 | h1] over 32 draws of h1 ~ q(h1 | x)."""
+    mean1, log_std1 = latent.encode(target)
+    if not two_layers:
+      return {ACTIVE_UNITS_PREFIX: mean1}
+    h1 = mean1 + jnp.exp(log_std1) * jax.random.normal(
+        jax.random.fold_in(key, 7), (32,) + mean1.shape)
+    mean2, _ = top_layer(params, VAE.encode_top, h1)
+    return {f"{ACTIVE_UNITS_PREFIX}_h1": mean1,
+            f"{ACTIVE_UNITS_PREFIX}_h2": jnp.mean(mean2, axis=0)}
 
   def decode_images(params, z, key):
     out = model.apply({"params": params}, z, method=VAE.decode)
@@ -449,6 +649,9 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
   def sample(params, key, num):
     z_key, x_key = jax.random.split(key)
     z = jax.random.normal(z_key, (num, cfg.latent_dim))
+    if two_layers:  # h2 ~ N(0, I), then h1 ~ p(h1 | h2)
+      mean1, log_std1 = top_layer(params, VAE.decode_top, z)
+      z = reparameterize(mean1, log_std1, jax.random.fold_in(z_key, 1))
     return decode_images(params, z, x_key)
 
   def visualize(params, batch, key):

@@ -116,13 +116,73 @@ def test_vlb_of_true_point_model_is_prior_plus_decoder():
   np.testing.assert_allclose(got["decoder_nats"], want, rtol=1e-4)
 
 
-def test_strata_tile_the_kl_timesteps():
-  for t_max, n in ((1000, 0), (1000, 50), (1000, 7), (10, 3), (10, 100)):
-    starts, sizes = obj.timestep_strata(t_max, n)
+@pytest.mark.parametrize("exact", [0, 1, 15, 40])
+def test_strata_tile_the_kl_timesteps(exact):
+  for t_max, n in ((1000, 0), (1000, 50), (1000, 25), (1000, 7), (10, 3),
+                   (10, 100)):
+    starts, sizes = obj.timestep_strata(t_max, n, exact)
     covered = np.concatenate([np.arange(a, a + z) for a, z in
                               zip(starts, sizes, strict=True)])
     np.testing.assert_array_equal(covered, np.arange(1, t_max))
     assert len(starts) == (t_max - 1 if n <= 0 else min(n, t_max - 1))
+    if 0 < n < t_max - 1:
+      # The first min(exact, n - 2) timesteps alone, then >= 2 wider strata.
+      used = min(exact, n - 2)
+      np.testing.assert_array_equal(starts[:used], np.arange(1, used + 1))
+      assert np.all(sizes[:used] == 1) and np.all(sizes[used:] > 1)
+      assert len(sizes) - used >= 2
+
+
+@pytest.mark.parametrize("num_random,num_exact", [(2, 0), (5, 3), (8, 1)])
+def test_stratified_variance_is_unbiased_for_alike_strata(num_random,
+                                                          num_exact):
+  """Strata whose draws share one distribution (here N(mu_j = 3, 2^2)):
+  the collapsed-strata estimate's mean is the sum of their variances;
+  single-timestep strata add nothing."""
+  sizes = np.array([1] * num_exact + [4] * num_random)
+  key = jax.random.key(3)
+  values = 3.0 + 2.0 * jax.random.normal(key, (len(sizes), 20_000))
+  values = values.at[:num_exact].set(7.0 * values[:num_exact])
+  estimate = obj.stratified_variance(values, sizes)
+  assert estimate.shape == (20_000,)
+  want = num_random * 4.0
+  sem = float(jnp.std(estimate)) / math.sqrt(estimate.size)
+  assert abs(float(jnp.mean(estimate)) - want) < 4 * sem
+  # All strata of one timestep: an exact sum, no variance.
+  np.testing.assert_array_equal(
+      obj.stratified_variance(values, np.ones(len(sizes), int)), 0.0)
+
+
+def test_tight_bound_is_unbiased_and_10x_less_variable():
+  """T = 1000, the DDPM linear schedule and a model whose every L_t is
+  deterministic (the exact eps_fn of another point), so the estimate's only
+  noise is the timestep draws. Its L_t fall like 1/t^2, the shape of a
+  trained model's early terms: L_1..L_40 hold 99.5% of the sum.
+
+  25 calls with timesteps 1..15 exact and 10 strata: unbiased against the
+  full 999-term sum, and its variance at least 10x below 25 equal strata
+  (the analytic ratio here is over 1,000); the collapsed-strata variance
+  estimate is conservative."""
+  s = sched.noise_schedule("linear", 1000)
+  b = jnp.full((1, 2, 1, 1), -0.2)
+  eps_fn = point_eps_fn(s, jnp.full((1, 2, 1, 1), 0.3))
+  bound = jax.jit(lambda b, key, n, k: obj.variational_bound(
+      eps_fn, s, b, key, n, num_exact_timesteps=k), static_argnums=(2, 3))
+  full = float(bound(b, jax.random.key(0), 0, 0)["diffusion_nats"][0])
+  draws = jnp.broadcast_to(b, (4096, 2, 1, 1))
+  tight = bound(draws, jax.random.key(1), 25, 15)
+  equal = bound(draws, jax.random.key(2), 25, 0)
+  estimates = tight["diffusion_nats"]
+  sem = float(jnp.std(estimates)) / math.sqrt(estimates.size)
+  assert abs(float(jnp.mean(estimates)) - full) < 4 * sem
+  assert abs(float(jnp.mean(equal["diffusion_nats"])) - full) < 4 * float(
+      jnp.std(equal["diffusion_nats"])) / math.sqrt(estimates.size)
+  var_tight = float(jnp.var(estimates))
+  assert 0 < 10 * var_tight < float(jnp.var(equal["diffusion_nats"]))
+  assert float(jnp.mean(tight["timestep_var_nats"])) >= 0.9 * var_tight
+  # The full sum has no timestep noise.
+  np.testing.assert_array_equal(
+      bound(b, jax.random.key(0), 0, 0)["timestep_var_nats"], 0.0)
 
 
 def test_stratified_vlb_is_unbiased():

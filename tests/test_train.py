@@ -503,3 +503,35 @@ def test_evaluation_too_big_for_memory_is_named_up_front(monkeypatch):
   assert "evaluate (a batch of" in message and "GiB of working memory" in message
   assert "lower train.eval_batch_size or model.iwae_chunk=64" in message
   assert "\n" not in message
+
+
+def test_evaluation_reports_estimator_noise():
+  """A per-example "<name>_estimator_var" becomes "<name>_estimator_sd" (root
+  mean variance) and "<name>_estimator_stderr" (over the examples)."""
+  from gm_jax import data
+  config = smoke_config()
+  built = train.build(config)
+  source = data.load_source(config.data, "test")
+
+  def evaluate_fn(params, batch, key):
+    del params, key
+    pixels = jnp.mean(batch["image"].astype(jnp.float32), axis=(1, 2, 3))
+    return {"bpd": pixels, "bpd_estimator_var": 1.0 + 0.0 * pixels + (
+        pixels > jnp.median(pixels)) * 6.0}
+
+  results = train.evaluate_dataset(
+      evaluate_fn, None, source, config.train.eval_batch_size, 32,
+      jax.random.key(1), built.mesh)
+  assert "bpd_estimator_var" not in results
+  images = source.get(np.arange(32))["image"].astype(np.float64)
+  bpd = images.mean(axis=(1, 2, 3))
+  assert results["bpd"] == pytest.approx(bpd.mean())
+  assert results["bpd_stderr"] == pytest.approx(bpd.std(ddof=1) / np.sqrt(32))
+  per_batch = [b.reshape(-1, *images.shape[1:]).mean(axis=(1, 2, 3))
+               for b in np.split(images, 32 // config.train.eval_batch_size)]
+  variances = np.concatenate([1.0 + 6.0 * (p > np.median(p))
+                              for p in per_batch])
+  assert results["bpd_estimator_sd"] == pytest.approx(
+      np.sqrt(variances.mean()))
+  assert results["bpd_estimator_stderr"] == pytest.approx(
+      np.sqrt(variances.mean() / 32))

@@ -229,3 +229,135 @@ def test_transpose_head_is_the_dcgan_mirror():
   out = model.apply({"params": params}, jnp.zeros((3, z_dim)),
                     method=lambda m, z: m.decode(z))
   assert out.shape == (3, 8, 8, 1)
+
+
+def test_iwae_objective_gradient_matches_hand_written_k_sample_reference():
+  """The gradient of importance_weighted_bound (what objective="iwae"
+  trains) against a per-sample loop written out by hand: log w_i =
+  log p(x | z_i) + log N(z_i; 0, I) - log N(z_i; m, s), z_i = m + s eps_i,
+  L_k = log mean_i w_i, with the same eps."""
+  x = _data()
+  k = 5
+  key = jax.random.PRNGKey(4)
+
+  def encode(theta, x):
+    return theta["a"] * x + theta["b"], jnp.broadcast_to(theta["c"], x.shape)
+
+  def iwae(theta):
+    latent = vae.gaussian_latent_model(lambda v: encode(theta, v),
+                                       _log_likelihood)
+    return jnp.sum(vae.importance_weighted_bound(latent, x, key, k))
+
+  def reference(theta):
+    mean, log_std = encode(theta, x)
+    eps = jax.random.normal(jax.random.split(key, 1)[0], (k,) + mean.shape)
+    total = 0.0
+    for b in range(x.shape[0]):
+      logs = []
+      for i in range(k):
+        z = mean[b] + jnp.exp(log_std[b]) * eps[i, b]
+        log_px = jnp.sum(-0.5 * ((x[b] - z) / S) ** 2 - math.log(S) -
+                         0.5 * math.log(2 * math.pi))
+        log_prior = jnp.sum(-0.5 * z**2 - 0.5 * math.log(2 * math.pi))
+        log_q = jnp.sum(-0.5 * eps[i, b] ** 2 - log_std[b] -
+                        0.5 * math.log(2 * math.pi))
+        logs.append(log_px + log_prior - log_q)
+      logs = jnp.stack(logs)
+      top = jnp.max(logs)
+      total = total + top + jnp.log(jnp.mean(jnp.exp(logs - top)))
+    return total
+
+  theta = {"a": jnp.array([0.5, 0.7, 0.9]), "b": jnp.array(0.1),
+           "c": jnp.array([-0.3, -0.8, -1.2])}
+  np.testing.assert_allclose(iwae(theta), reference(theta), rtol=1e-5)
+  got, want = jax.grad(iwae)(theta), jax.grad(reference)(theta)
+  for name in theta:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+  # k = 1: the IWAE gradient is the Monte Carlo ELBO's.
+  mc_elbo = lambda theta: jnp.sum(jnp.sum(jnp.stack(  # noqa: E731
+      vae.gaussian_latent_model(lambda v: encode(theta, v), _log_likelihood)
+      .log_weights(encode(theta, x), x, jax.random.split(key, 1)[0], 1)),
+      axis=0))
+  one = lambda theta: jnp.sum(vae.importance_weighted_bound(  # noqa: E731
+      vae.gaussian_latent_model(lambda v: encode(theta, v), _log_likelihood),
+      x, key, 1))
+  np.testing.assert_allclose(jax.grad(one)(theta)["a"],
+                             jax.grad(mc_elbo)(theta)["a"], rtol=1e-5)
+
+
+def test_multi_sample_elbo_is_unbiased_with_less_variance():
+  """E[ELBO_k] is the ELBO for every k; its variance falls like 1/k."""
+  x = _data()
+  latent = vae.gaussian_latent_model(
+      lambda v: (0.6 * v, jnp.full_like(v, -0.9)), _log_likelihood)
+  draw = jax.jit(jax.vmap(lambda key, k=1: vae.multi_sample_elbo(
+      latent, x, key, k)["elbo"], in_axes=(0, None)), static_argnums=1)
+  keys = jax.random.split(jax.random.PRNGKey(5), 4000)
+  one, ten = draw(keys, 1), draw(keys, 10)
+  se = np.sqrt(one.var(0) / 4000 + ten.var(0) / 4000)
+  assert np.all(np.abs(one.mean(0) - ten.mean(0)) < 5 * se)
+  ratio = one.var(0) / ten.var(0)
+  assert np.all((ratio > 6) & (ratio < 15)), ratio
+
+
+def test_iwae_objective_two_stochastic_layers_and_active_units():
+  """objective="iwae" trains L_k; the two-layer model (the IWAE paper's
+  784-200-200-100 / 100-100-50 with tanh, here shrunk) has its bound, its
+  samples and the active-units vectors; the paper sizes have the count of
+  the layers' weights."""
+  cfg = _model_config(architecture="mlp", stochastic_layers=2,
+                      bottom_latent_dim=5, top_hidden_sizes=(6,),
+                      objective="iwae", train_samples=3)
+  family = make_family(cfg)
+  batch = _batch()
+  params = jax.jit(family.init)(jax.random.PRNGKey(0), batch)
+  assert {"encoder", "decoder", "top_encoder", "top_decoder"} == set(params)
+  loss, metrics = jax.jit(family.loss)(params, batch, jax.random.PRNGKey(1),
+                                       jnp.int32(0))
+  np.testing.assert_allclose(loss, metrics["neg_iwae_train_nats"])
+  # L_3 is tighter than the ELBO in expectation; loosely on one batch.
+  assert float(loss) <= float(metrics["neg_elbo_nats"]) + 5.0
+  out = jax.jit(family.evaluate)(params, batch, jax.random.PRNGKey(2))
+  assert out["active_units_h1"].shape == (4, 5)
+  assert out["active_units_h2"].shape == (4, 3)
+  samples = jax.jit(family.sample, static_argnums=2)(
+      params, jax.random.PRNGKey(3), 5)
+  assert samples.shape == (5, 8, 8, 1)
+
+  model = vae.VAE(image_shape=(28, 28, 1), latent_dim=50,
+                  architecture="mlp", likelihood="bernoulli",
+                  conv_channels=(), hidden_sizes=(200, 200), dense_size=0,
+                  stochastic_layers=2, bottom_latent_dim=100,
+                  top_hidden_sizes=(100, 100))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 100)))
+  count = sum(math.prod(p.shape) for p in jax.tree.leaves(shapes))
+  dense = lambda a, b: a * b + b  # noqa: E731
+  want = (dense(784, 200) + dense(200, 200) + 2 * dense(200, 100)  # q(h1|x)
+          + dense(100, 100) + dense(100, 100) + 2 * dense(100, 50)  # q(h2|h1)
+          + dense(50, 100) + dense(100, 100) + 2 * dense(100, 100)  # p(h1|h2)
+          + dense(100, 200) + dense(200, 200) + dense(200, 784))  # p(x|h1)
+  assert count == want == 521_084
+
+
+def test_active_units_count_components_that_vary():
+  """evaluate_dataset reports a [B, D] metric as the number of its
+  components whose variance over examples is above 0.01."""
+  from gm_jax import data, train
+  from tests.test_train import smoke_config
+  config = smoke_config()
+  built = train.build(config)
+  source = data.load_source(config.data, "test")
+  scales = jnp.array([0.0, 0.05, 0.2, 1.0, 3.0])  # variances ~0, .0025, .04..
+
+  def evaluate_fn(params, batch, key):
+    del params
+    noise = jax.random.normal(key, (batch["image"].shape[0], 5))
+    return {"bpd": jnp.zeros(batch["image"].shape[0]),
+            "active_units": 7.0 + scales * noise}
+
+  results = train.evaluate_dataset(evaluate_fn, None, source,
+                                   config.train.eval_batch_size, 32,
+                                   jax.random.PRNGKey(0), built.mesh)
+  assert results["active_units"] == 3.0

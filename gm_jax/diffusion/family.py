@@ -7,9 +7,12 @@
 * ``evaluate``: the variational bound in nats and bits/dim of the 8-bit
   data, an upper bound on the NLL. ``eval_timesteps`` = 0 sums all T - 1 KL
   terms (one network call each); n > 0 uses the stratified unbiased
-  estimate of that sum with n calls (``objectives.variational_bound``). The
-  prior term and the discretized-Gaussian decoder term at t = 0 are always
-  exact. The per-term split is returned as prior_bpd, diffusion_bpd and
+  estimate of that sum with n calls (``objectives.variational_bound``):
+  timesteps 1..``eval_exact_timesteps`` one call each (they carry most of
+  the bound), the rest in n - that many strata. The prior term is exact;
+  the decoder term at t = 0, like every L_t, uses one draw of x_1 per
+  example. ``bpd_estimator_sd`` / ``_stderr`` report the timestep draws'
+  share of the noise (a conservative estimate). The per-term split is returned as prior_bpd, diffusion_bpd and
   decoder_bpd, and the per-example ``simple_loss`` (one more call, at a
   uniform timestep) overlays the training curve.
 * ``sample``: ``sampler`` "ddpm" (ancestral, ``variance``) or "ddim"
@@ -71,6 +74,9 @@ class DiffusionConfig(schema.ModelConfig):
       "fixed_large".
     eval_timesteps: 0 for the exact bound (all T terms), n for a stratified
       estimate with n network calls.
+    eval_exact_timesteps: of those n calls, how many evaluate timesteps
+      1, 2, ... exactly (at most n - 2 are used; see
+      ``objectives.timestep_strata``).
     sampler: "ddpm" or "ddim".
     sample_steps: steps of the sampler, in 1..T.
     timestep_spacing: "linspace", "leading" or "trailing": which
@@ -99,6 +105,7 @@ class DiffusionConfig(schema.ModelConfig):
   guidance_scale: float = 1.0
   variance: str = schema.choice("fixed_small", schedules.VARIANCES)
   eval_timesteps: int = 0
+  eval_exact_timesteps: int = 15
   sampler: str = schema.choice("ddim", SAMPLERS)
   sample_steps: int = 50
   timestep_spacing: str = schema.choice("linspace",
@@ -116,6 +123,8 @@ class DiffusionConfig(schema.ModelConfig):
                    "must be >= 0")
     schema.require(self.eval_timesteps >= 0, "eval_timesteps",
                    self.eval_timesteps, "must be >= 0 (0 = all T)")
+    schema.require(self.eval_exact_timesteps >= 0, "eval_exact_timesteps",
+                   self.eval_exact_timesteps, "must be >= 0")
     schema.require(0.0 <= self.dropout < 1.0, "dropout", self.dropout,
                    "must be in [0, 1)")
     schema.require(len(self.width_mult) >= 1, "width_mult", self.width_mult,
@@ -207,7 +216,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
               if conditional else None)
     terms = objectives.variational_bound(
         eps_fn(params, labels), schedule, x0, key, cfg.eval_timesteps,
-        cfg.variance)
+        cfg.variance, num_exact_timesteps=cfg.eval_exact_timesteps)
     # Its own stream, so the bound's draws stay those of ``key``.
     key_t, key_noise = jax.random.split(jax.random.fold_in(key, 1))
     return {
@@ -218,6 +227,9 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
         "diffusion_bpd": losses.bits_per_dim(terms["diffusion_nats"],
                                              num_dims),
         "decoder_bpd": losses.bits_per_dim(terms["decoder_nats"], num_dims),
+        "nll_nats_estimator_var": terms["timestep_var_nats"],
+        "bpd_estimator_var": terms["timestep_var_nats"] / (
+            num_dims * losses.LN2) ** 2,
     }
 
   def guided_eps_fn(params, num):

@@ -13,6 +13,7 @@ in 0..T-1 (see ``schedules``). Every function returns per-example values [B].
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import jax
@@ -151,30 +152,74 @@ def vlb_term(eps_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
   return jnp.where(t == 0, decoder_nll, kl)
 
 
-def timestep_strata(num_timesteps: int,
-                    num_eval_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+def timestep_strata(num_timesteps: int, num_eval_timesteps: int,
+                    num_exact: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Splits the KL timesteps 1..T-1 into contiguous strata.
+
+  The first ``num_exact`` timesteps (1..num_exact) are strata of one
+  timestep each, evaluated exactly; they carry most of the bound for a
+  trained model (the KL weight of t = 1 is about 10^4 times that of t = T/2
+  under DDPM's linear schedule). The remaining timesteps are split into
+  n - num_exact strata of (nearly) equal width.
 
   Args:
     num_timesteps: T.
-    num_eval_timesteps: the number of strata n; 0 or >= T - 1 gives the
-      T - 1 strata of one timestep each (the exact sum).
+    num_eval_timesteps: the number of strata n (the network calls of the
+      sum); 0 or >= T - 1 gives the T - 1 strata of one timestep each (the
+      exact sum).
+    num_exact: how many of the n strata are the single timesteps 1, 2, ...;
+      at most n - 2 are used, so that at least two strata remain and the
+      estimate's variance can be estimated (``stratified_variance``).
 
   Returns:
     (starts, sizes): [n] int32 arrays; stratum j is starts[j] ..
     starts[j] + sizes[j] - 1, and the strata tile 1..T-1 exactly.
   """
   num_kl = num_timesteps - 1
-  n = num_kl if num_eval_timesteps <= 0 else min(num_eval_timesteps, num_kl)
-  edges = np.round(np.linspace(1, num_timesteps, n + 1)).astype(np.int64)
+  if num_eval_timesteps <= 0 or num_eval_timesteps >= num_kl:
+    return (np.arange(1, num_timesteps, dtype=np.int32),
+            np.ones(num_kl, np.int32))
+  n = num_eval_timesteps
+  exact = int(np.clip(num_exact, 0, max(n - 2, 0)))
+  edges = np.round(np.linspace(1 + exact, num_timesteps, n - exact + 1))
+  edges = np.concatenate([np.arange(1, 1 + exact), edges]).astype(np.int64)
   return edges[:-1].astype(np.int32), np.diff(edges).astype(np.int32)
+
+
+def stratified_variance(values: Array, sizes: np.ndarray) -> Array:
+  """An estimate of the variance of a stratified sum over its random draws.
+
+  ``values`` [n, B] are the weighted draws Y_j = size_j L_{t_j} of the n
+  strata; the estimate sum_j Y_j has variance sum_j Var(Y_j), but one draw
+  per stratum cannot estimate Var(Y_j). The collapsed-strata estimator pairs
+  neighbouring random strata (the last group takes three if their number is
+  odd) and treats each group's draws as draws from one stratum:
+  sum_g k_g / (k_g - 1) sum_{j in g} (Y_j - mean_g Y)^2. Its expectation is
+  the true variance plus the spread of the grouped strata's means, so it
+  errs on the high side (conservative). Strata of one timestep contribute
+  nothing. Returns [B]; zeros when fewer than two strata are random (all
+  exact: no variance; a single random stratum: see ``timestep_strata``,
+  which keeps two).
+  """
+  random = np.flatnonzero(np.asarray(sizes) > 1)
+  if len(random) < 2:
+    return jnp.zeros(values.shape[1:], values.dtype)
+  # Pairs, the last group a triple when their number is odd.
+  bounds = list(range(0, len(random) - len(random) % 2, 2)) + [len(random)]
+  total = jnp.zeros(values.shape[1:], values.dtype)
+  for lo, hi in itertools.pairwise(bounds):
+    group = values[random[lo:hi]]  # [k, B]
+    k = hi - lo
+    spread = jnp.sum(jnp.square(group - jnp.mean(group, axis=0)), axis=0)
+    total = total + k / (k - 1) * spread
+  return total
 
 
 def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
                       key: Array, num_eval_timesteps: int = 0,
                       variance: str = "fixed_small", clip_x0: bool = False,
-                      num_bins: int = losses.PIXEL_VALUES
-                      ) -> dict[str, Array]:
+                      num_bins: int = losses.PIXEL_VALUES,
+                      num_exact_timesteps: int = 0) -> dict[str, Array]:
   """The DDPM variational bound on -log p(x_0) in nats, per example.
 
   -log p(x_0) <= L_T + sum_{t=1}^{T-1} L_t + L_0 with
@@ -183,14 +228,15 @@ def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
     L_0 = E_{x_1 ~ q} -log p(x_0 | x_1)               (discretized decoder),
   in 0-based timestep indices (see ``schedules``). L_0 and every L_t use one
   draw of x_t per example (the standard single-sample estimate of each
-  expectation, as in the DDPM and improved-DDPM evaluations).
+  expectation, as in the DDPM and improved-DDPM evaluations), so even the
+  full sum is a Monte Carlo estimate; only L_T is computed in closed form.
 
   ``num_eval_timesteps`` = 0 evaluates every L_t (T - 1 network calls, plus
   one for L_0). n > 0 gives a stratified unbiased estimate of the sum with n
-  calls: 1..T-1 is split into n contiguous strata (``timestep_strata``), one
-  t is drawn uniformly inside each stratum j per example, and its L_t is
-  weighted by the stratum's size; E[estimate] = sum_t L_t exactly. L_T and
-  L_0 are always computed in full.
+  calls (``timestep_strata``): timesteps 1..``num_exact_timesteps`` one
+  call each, the rest split into contiguous strata; one t is drawn
+  uniformly inside each stratum per example, and its L_t is weighted by the
+  stratum's size, so E[estimate] = sum_t L_t exactly.
 
   Args:
     eps_fn: ``eps_fn(x_t, t) -> eps``; called under ``lax.scan``.
@@ -201,12 +247,17 @@ def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
     variance: the reverse-process variance, "fixed_small" / "fixed_large".
     clip_x0: clip the predicted x_0 in the model mean.
     num_bins: levels of the data (256 for 8-bit images).
+    num_exact_timesteps: of the n calls, how many go to timesteps 1, 2, ...
+      one each (ignored for the full sum).
 
   Returns:
     {"nll_nats": [B] the bound, "prior_nats", "diffusion_nats" (the L_t sum),
-    "decoder_nats": [B] its three parts}.
+    "decoder_nats": [B] its three parts, "timestep_var_nats": [B] an
+    estimate of the variance of ``nll_nats`` over the timestep draws
+    (``stratified_variance``; 0 for the full sum)}.
   """
-  starts, sizes = timestep_strata(schedule.num_timesteps, num_eval_timesteps)
+  starts, sizes = timestep_strata(schedule.num_timesteps, num_eval_timesteps,
+                                  num_exact_timesteps)
   batch = x0.shape[0]
   key_decoder, key_kl = jax.random.split(key)
   term = lambda t, noise: vlb_term(eps_fn, schedule, x0, t, noise,  # noqa: E731
@@ -217,9 +268,10 @@ def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
     key_t, key_noise = jax.random.split(jax.random.fold_in(key_kl, index))
     t = start + jax.random.randint(key_t, (batch,), 0, size)  # [B]
     noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
-    return total + size.astype(jnp.float32) * term(t, noise), None
+    weighted = size.astype(jnp.float32) * term(t, noise)
+    return total + weighted, weighted
 
-  diffusion, _ = jax.lax.scan(
+  diffusion, weighted = jax.lax.scan(
       body, jnp.zeros((batch,), jnp.float32),
       (jnp.asarray(starts), jnp.asarray(sizes),
        jnp.arange(len(starts), dtype=jnp.int32)))
@@ -227,4 +279,5 @@ def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
                  jax.random.normal(key_decoder, x0.shape, jnp.float32))
   prior = prior_kl(schedule, x0)
   return {"nll_nats": prior + diffusion + decoder, "prior_nats": prior,
-          "diffusion_nats": diffusion, "decoder_nats": decoder}
+          "diffusion_nats": diffusion, "decoder_nats": decoder,
+          "timestep_var_nats": stratified_variance(weighted, sizes)}
