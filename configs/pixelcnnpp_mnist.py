@@ -1,7 +1,7 @@
 """A small PixelCNN++ on the 8-bit embedded MNIST digits (no download).
 
 The PixelCNN++ architecture (Salimans et al., 2017) at a small scale: 32
-filters, 1 gated ResNet block per stage (0.65M parameters), a 5-component
+filters, 1 gated ResNet block per stage (572,847 parameters), a 5-component
 discretized logistic mixture over the 256 grey levels; the test metric is the
 exact NLL of the 8-bit digits in bits/dim (and nats). Meant for an
 accelerator: on 2 CPU cores a step of 32 images takes seconds, and sampling

@@ -110,8 +110,12 @@ from gm_jax.quality import (  # noqa: F401  (re-exports)
 
 # VAE bounds, usable with any encoder / decoder callables.
 from gm_jax.vae import (  # noqa: F401  (re-exports)
+  LatentModel,
   VAEConfig,
   elbo,
+  gaussian_latent_model,
+  importance_weighted_bound,
   iwae_bound,
+  multi_sample_elbo,
   reparameterize,
 )
