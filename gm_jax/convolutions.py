@@ -250,3 +250,48 @@ class Conv(nn.Module):
     if bias is not None:
       y = y + bias
     return y
+
+
+class WeightNormed(nn.Module):
+  """Weight normalisation (Salimans & Kingma, 2016) of a linear layer, with
+  its data-dependent initialisation.
+
+  y = g * layer(x; v) / ||v|| + b, the norm per output channel over every
+  other axis of v (the layer's "kernel"; layer(x; v) is linear in v, so this
+  is the layer with kernel g v / ||v||). ``layer`` must be bias-free, with
+  its output channels last: ``Conv``, ``SubPixelConvTranspose`` or
+  ``nn.Dense`` with ``use_bias=False``.
+
+  Initialisation: g and b are set from the batch that ``init`` sees, so
+  that every output channel starts with mean 0 and standard deviation
+  ``init_scale`` over that batch (g = init_scale / std(t), b = -mean(t) g,
+  t = layer(x; v) / ||v||; g = init_scale where t is constant). Parameters: the layer's own ("layer/kernel"),
+  "scale" g and "bias" b, each [features].
+  """
+
+  layer: nn.Module
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.layer(x)
+    v = self.layer.variables["params"]["kernel"]
+    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1))))
+    t = y / norm.astype(y.dtype)
+    features = y.shape[-1]
+    if self.is_initializing():
+      axes = tuple(range(t.ndim - 1))
+      mean = jnp.mean(t, axis=axes).astype(jnp.float32)
+      var = jnp.var(t, axis=axes).astype(jnp.float32)
+      # A channel constant on the init batch (e.g. a shifted conv at a
+      # resolution where it only sees padding) keeps the unit scale
+      # instead of 1 / sqrt(0).
+      std = jnp.where(var > 1e-8, jnp.sqrt(var), 1.0)
+      scale = self.param("scale", lambda *_: self.init_scale / std)
+      bias = self.param("bias", lambda *_: -mean * self.init_scale / std)
+    else:
+      scale = self.param("scale", nn.initializers.ones, (features,),
+                         jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (features,),
+                        jnp.float32)
+    return t * scale.astype(t.dtype) + bias.astype(t.dtype)

@@ -72,7 +72,7 @@ PARAM_COUNTS = {
     "pixelcnn_mnist.py": 57_921,
     "pixelcnn_mnist.py:paper": 2_736_897,
     "pixelcnn_mnist.py:dynamic": 57_921,
-    "pixelcnnpp_cifar10.py": 53_618_660,
+    "pixelcnnpp_cifar10.py": 53_659_080,  # with weight norm scales
     "pixelcnnpp_mnist.py": 572_847,
     "realnvp_cifar10.py": 5_997_539,
     "realnvp_mnist.py": 333_851,

@@ -158,3 +158,36 @@ def test_conv_rejects_a_bad_option_or_shape():
     Conv(4, (3, 3), kernel_grad="fast").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="NHWC"):
     Conv(4, (3, 3)).init(jax.random.key(0), x[0])
+
+
+@pytest.mark.parametrize("kind", ["conv", "transpose", "dense"])
+def test_weight_norm_is_the_layer_with_normalised_kernel_and_data_init(kind):
+  """WeightNormed(layer) = layer with kernel g v / ||v|| (per output
+  channel) plus b; its init sets g, b so that every channel has mean 0 and
+  standard deviation init_scale on the init batch."""
+  from gm_jax.convolutions import WeightNormed
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 3)) * 2.0 + 0.7
+  layer = {
+      "conv": lambda: Conv(4, (2, 3), padding="VALID", use_bias=False),
+      "transpose": lambda: SubPixelConvTranspose(4, (2, 3), (2, 2), "VALID",
+                                                 use_bias=False),
+      "dense": lambda: nn.Dense(4, use_bias=False),
+  }[kind]
+  net = WeightNormed(layer(), init_scale=0.3)
+  params = jax.jit(net.init)(jax.random.PRNGKey(1), x)["params"]
+  y = net.apply({"params": params}, x)
+  np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(y.std(axis=(0, 1, 2)), 0.3, rtol=1e-4)
+  # The same function as the plain layer with the normalised kernel.
+  v = params["layer"]["kernel"]
+  norm = jnp.sqrt(jnp.sum(v**2, axis=tuple(range(v.ndim - 1))))
+  kernel = params["scale"] * v / norm
+  plain = layer().apply({"params": {"kernel": kernel}}, x) + params["bias"]
+  np.testing.assert_allclose(y, plain, rtol=1e-5, atol=1e-5)
+  # A different batch after init: the parameters, not its statistics, rule.
+  other = net.apply({"params": params}, x * 3.0)
+  assert float(jnp.abs(other.std(axis=(0, 1, 2)) - 0.3).max()) > 0.1
+  # Scale invariance in v: rescaling the kernel changes nothing.
+  scaled = {**params, "layer": {"kernel": 5.0 * v}}
+  np.testing.assert_allclose(net.apply({"params": scaled}, x), y, rtol=1e-5,
+                             atol=1e-6)

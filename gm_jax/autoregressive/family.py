@@ -62,6 +62,9 @@ class PixelCNNConfig(schema.ModelConfig):
       gated_pixelcnn).
     num_resnet: gated resnet blocks per stage (pixelcnnpp).
     dropout: dropout rate (pixelcnnpp).
+    weight_norm: weight normalisation with data-dependent initialisation
+      in every layer of the U-Net (pixelcnnpp, as in the paper); ``init``
+      then sets the scales from the batch it is given.
     num_mixtures: logistic mixture components.
     num_classes: 0 for an unconditional model; else the model is conditioned
       on batch["label"] and samples cycle through the labels 0..n-1.
@@ -79,6 +82,7 @@ class PixelCNNConfig(schema.ModelConfig):
   num_output_filters: int = 256
   num_resnet: int = 5
   dropout: float = 0.0
+  weight_norm: bool = False
   num_mixtures: int = 10
   num_classes: int = 0
   fast_sampling: bool = True
@@ -97,6 +101,9 @@ class PixelCNNConfig(schema.ModelConfig):
                      "must be a positive odd number")
     schema.require(0.0 <= self.dropout < 1.0, "dropout", self.dropout,
                    "must be in [0, 1)")
+    schema.require(not self.weight_norm or self.architecture == "pixelcnnpp",
+                   "weight_norm", self.weight_norm,
+                   "is implemented for architecture 'pixelcnnpp' only")
     schema.require(self.num_classes >= 0, "num_classes", self.num_classes,
                    "must be >= 0")
     schema.require(
@@ -145,7 +152,7 @@ def build_network(spec: PixelCNNConfig) -> nn.Module:
                          first_kernel_size=spec.first_kernel_size,
                          num_output_filters=spec.num_output_filters, **common)
   return PixelCNNPlusPlus(num_resnet=spec.num_resnet, dropout=spec.dropout,
-                          **common)
+                          weight_norm=spec.weight_norm, **common)
 
 
 def rbg_key(key: Array) -> Array:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gm_jax.convolutions import Conv, SubPixelConvTranspose
+from gm_jax.convolutions import Conv, SubPixelConvTranspose, WeightNormed
 
 Array = jax.Array
 
@@ -214,6 +214,7 @@ class DownShiftedConv(nn.Module):
   kernel_size: Tuple[int, int] = (2, 3)
   strides: int = 1
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  weight_norm: Optional[float] = None  # init_scale of ``WeightNormed``
 
   def _column_padding(self) -> tuple[int, int]:
     """Zero columns added (left, right): the window is centred."""
@@ -224,8 +225,9 @@ class DownShiftedConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     kh, kw = self.kernel_size
     x = jnp.pad(x, ((0, 0), (kh - 1, 0), self._column_padding(), (0, 0)))
-    return Conv(self.features, (kh, kw), strides=self.strides,
-                   padding="VALID", kernel_init=self.kernel_init)(x)
+    return weight_normed(Conv, self.weight_norm, self.features, (kh, kw),
+                         strides=self.strides, padding="VALID",
+                         kernel_init=self.kernel_init)(x)
 
 
 class DownRightShiftedConv(DownShiftedConv):
@@ -257,6 +259,7 @@ class _ShiftedConvTranspose(nn.Module):
   left: int
   strides: int = 2
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  weight_norm: Optional[float] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -264,9 +267,11 @@ class _ShiftedConvTranspose(nn.Module):
     s = self.strides
     # ConvTranspose's function and parameters, computed as a sub-pixel conv
     # (gm_jax.convolutions: several times faster to differentiate on CPU).
-    y = SubPixelConvTranspose(self.features, self.kernel_size, strides=(s, s),
-                              padding="VALID", kernel_init=self.kernel_init,
-                              name="ConvTranspose_0")(x)
+    # Weight norm is per output channel, so cropping after it is the same.
+    y = weight_normed(SubPixelConvTranspose, self.weight_norm, self.features,
+                      self.kernel_size, strides=(s, s), padding="VALID",
+                      kernel_init=self.kernel_init,
+                      name="ConvTranspose_0")(x)
     return y[:, :s * h, self.left:self.left + s * w]
 
 
@@ -277,6 +282,7 @@ class DownShiftedConvTranspose(nn.Module):
   features: int
   kernel_size: Tuple[int, int] = (2, 3)
   strides: int = 2
+  weight_norm: Optional[float] = None
 
   def _left(self) -> int:
     """Columns cropped on the left of the transposed convolution's output."""
@@ -285,7 +291,19 @@ class DownShiftedConvTranspose(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return _ShiftedConvTranspose(self.features, self.kernel_size,
-                                 self._left(), self.strides)(x)
+                                 self._left(), self.strides,
+                                 weight_norm=self.weight_norm)(x)
+
+
+def weight_normed(layer_cls, init_scale: Optional[float], *args,
+                  name: Optional[str] = None, **kwargs) -> nn.Module:
+  """``layer_cls(*args, **kwargs, name=name)``, or, with an ``init_scale``,
+  the same layer without bias inside ``WeightNormed`` (which takes the
+  name; the layer's own parameters move under "layer")."""
+  if init_scale is None:
+    return layer_cls(*args, name=name, **kwargs)
+  return WeightNormed(layer_cls(*args, use_bias=False, **kwargs),
+                      init_scale, name=name)
 
 
 class DownRightShiftedConvTranspose(DownShiftedConvTranspose):

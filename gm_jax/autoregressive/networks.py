@@ -229,24 +229,28 @@ class GatedResnet(nn.Module):
   shift: str  # "down" or "down_right"
   dropout: float = 0.0
   num_classes: int = 0
+  weight_norm: bool = False
 
   @nn.compact
   def __call__(self, x: Array, skip: Optional[Array], label: Optional[Array],
                train: bool) -> Array:
     n = x.shape[-1]
+    # With weight norm, the data-dependent init scales of PixelCNN++: 1 for
+    # conv1 and nin, 0.1 for conv2 (the residual branch starts small).
+    wn, wn_out = (1.0, 0.1) if self.weight_norm else (None, None)
     if self.shift == "down":
-      conv1 = layers.DownShiftedConv(n, (2, 3))
+      conv1 = layers.DownShiftedConv(n, (2, 3), weight_norm=wn)
       conv2 = layers.DownShiftedConv(
           2 * n, (2, 3), kernel_init=nn.initializers.variance_scaling(
-              0.1, "fan_in", "truncated_normal"))
+              0.1, "fan_in", "truncated_normal"), weight_norm=wn_out)
     else:
-      conv1 = layers.DownRightShiftedConv(n, (2, 2))
+      conv1 = layers.DownRightShiftedConv(n, (2, 2), weight_norm=wn)
       conv2 = layers.DownRightShiftedConv(
           2 * n, (2, 2), kernel_init=nn.initializers.variance_scaling(
-              0.1, "fan_in", "truncated_normal"))
+              0.1, "fan_in", "truncated_normal"), weight_norm=wn_out)
     y = conv1(layers.concat_elu(x))
     if skip is not None:
-      y = y + nn.Dense(n)(layers.concat_elu(skip))
+      y = y + layers.weight_normed(nn.Dense, wn, n)(layers.concat_elu(skip))
     y = layers.concat_elu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = conv2(y) + layers.label_embedding(label, self.num_classes, 2 * n,
@@ -276,6 +280,9 @@ class PixelCNNPlusPlus(nn.Module):
     width: channels of both streams (160 in the paper).
     num_resnet: gated residual blocks per stage (5 in the paper).
     dropout: dropout rate inside the residual blocks (0.5 in the paper).
+    weight_norm: every shifted convolution, transposed convolution and
+      1x1 ("nin") layer weight-normalised with data-dependent
+      initialisation (``convolutions.WeightNormed``), as in the paper.
   """
 
   num_outputs: int
@@ -284,6 +291,7 @@ class PixelCNNPlusPlus(nn.Module):
   dropout: float
   num_groups: int = 1
   num_classes: int = 0
+  weight_norm: bool = False
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
@@ -291,14 +299,20 @@ class PixelCNNPlusPlus(nn.Module):
     """[B, H, W, C] in [-1, 1] -> [B, H, W, num_groups * num_outputs]."""
     nf = self.width
 
+    wn = 1.0 if self.weight_norm else None
+
     def block(shift):
-      return GatedResnet(shift, self.dropout, self.num_classes)
+      return GatedResnet(shift, self.dropout, self.num_classes,
+                         self.weight_norm)
 
     x_pad = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
-    u_list = [layers.down_shift(layers.DownShiftedConv(nf, (2, 3))(x_pad))]
+    u_list = [layers.down_shift(layers.DownShiftedConv(
+        nf, (2, 3), weight_norm=wn)(x_pad))]
     ul_list = [
-        layers.down_shift(layers.DownShiftedConv(nf, (1, 3))(x_pad)) +
-        layers.right_shift(layers.DownRightShiftedConv(nf, (2, 1))(x_pad))
+        layers.down_shift(layers.DownShiftedConv(
+            nf, (1, 3), weight_norm=wn)(x_pad)) +
+        layers.right_shift(layers.DownRightShiftedConv(
+            nf, (2, 1), weight_norm=wn)(x_pad))
     ]
     # Up pass: H -> H/2 -> H/4.
     for stage in range(3):
@@ -307,9 +321,10 @@ class PixelCNNPlusPlus(nn.Module):
         ul_list.append(block("down_right")(ul_list[-1], u_list[-1], label,
                                            train))
       if stage < 2:
-        u_list.append(layers.DownShiftedConv(nf, (2, 3), 2)(u_list[-1]))
-        ul_list.append(layers.DownRightShiftedConv(nf, (2, 2), 2)(
-            ul_list[-1]))
+        u_list.append(layers.DownShiftedConv(nf, (2, 3), 2, weight_norm=wn)(
+            u_list[-1]))
+        ul_list.append(layers.DownRightShiftedConv(
+            nf, (2, 2), 2, weight_norm=wn)(ul_list[-1]))
     # Down pass, consuming the up pass's activations in reverse.
     u, ul = u_list.pop(), ul_list.pop()
     for stage in range(3):
@@ -318,15 +333,15 @@ class PixelCNNPlusPlus(nn.Module):
         ul = block("down_right")(
             ul, jnp.concatenate([u, ul_list.pop()], axis=-1), label, train)
       if stage < 2:
-        u = layers.DownShiftedConvTranspose(nf)(u)
-        ul = layers.DownRightShiftedConvTranspose(nf)(ul)
+        u = layers.DownShiftedConvTranspose(nf, weight_norm=wn)(u)
+        ul = layers.DownRightShiftedConvTranspose(nf, weight_norm=wn)(ul)
     assert not u_list and not ul_list, "unbalanced U-Net shortcuts"
 
     features = jax.nn.elu(ul)  # [B, H, W, nf], pixels < i only.
     total = self.num_groups * self.num_outputs
     if self.num_groups == 1:
-      return nn.Dense(total)(features)
-    hidden = (nn.Dense(nf)(features) +
+      return layers.weight_normed(nn.Dense, wn, total)(features)
+    hidden = (layers.weight_normed(nn.Dense, wn, nf)(features) +
               layers.MaskedConv(nf, (1, 1), "A", self.num_groups)(x))
     return layers.MaskedConv(total, (1, 1), "B", self.num_groups)(
         jax.nn.elu(hidden))
