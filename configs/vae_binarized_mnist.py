@@ -8,7 +8,8 @@ beta1 = 0.9, beta2 = 0.999, eps = 1e-4, batch 20, 3^i epochs at learning rate
 exponential decay), test NLL by the IWAE bound with k = 5000. The paper
 reports 86.76 nats for this model (Table 1; trained as an IWAE with k = 50
 it reaches 84.78, and the two-layer VAE 85.33: configs/iwae_mnist.py,
-which uses the paper's dynamically binarized data).
+which uses the paper's dynamically binarized data). measured: (empty until
+a run on the real data fills it)
 
 Data: tfds ``binarized_mnist`` (the static binarization of Larochelle &
 Murray, 2011), which must be prepared once with TensorFlow installed
