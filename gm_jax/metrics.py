@@ -18,12 +18,26 @@ from PIL import Image
 
 def image_grid(images: np.ndarray, num_cols: Optional[int] = None,
                padding: int = 1) -> np.ndarray:
-  """Tiles [N, H, W, C] floats in [0, 1] into one uint8 [H', W', C] image."""
+  """Tiles floats in [0, 1] into one uint8 [H', W', C] image.
+
+  ``images`` is either [N, H, W, C], laid out row-major in ``num_cols``
+  columns (by default the ceiling of sqrt(N)), or [rows, cols, H, W, C],
+  whose layout is kept: image (r, c) lands in grid row r, column c
+  (``num_cols`` must then be None or equal cols).
+  """
   images = np.asarray(images, dtype=np.float32)
-  if images.ndim != 4:
-    raise ValueError(f"image_grid expects [N, H, W, C], got {images.shape}.")
+  if images.ndim == 5:
+    num_rows, cols = images.shape[:2]
+    if num_cols is not None and num_cols != cols:
+      raise ValueError(f"num_cols={num_cols} contradicts the {cols} columns "
+                       f"of a [rows, cols, H, W, C] input {images.shape}.")
+    num_cols = cols
+    images = images.reshape((num_rows * cols,) + images.shape[2:])
+  elif images.ndim != 4:
+    raise ValueError("image_grid expects [N, H, W, C] or [rows, cols, H, W, "
+                     f"C], got {images.shape}.")
   n, h, w, c = images.shape
-  num_cols = num_cols or int(math.ceil(math.sqrt(n)))
+  num_cols = num_cols or max(1, int(math.ceil(math.sqrt(n))))
   num_rows = int(math.ceil(n / num_cols))
   grid = np.ones((num_rows * (h + padding) + padding,
                   num_cols * (w + padding) + padding, c), np.float32)
