@@ -41,8 +41,11 @@ class Family(NamedTuple):
       (see ``train.evaluate_dataset``).
     sample: ``sample(params, key, num) -> [num, H, W, C]`` float32 in [0, 1].
     visualize: optional ``visualize(params, batch, key) -> {name: images}``
-      with images ``[N, H, W, C]`` float32 in [0, 1]: family-specific pictures
-      (reconstructions, interpolations, samples at several temperatures).
+      with images float32 in [0, 1], either ``[N, H, W, C]`` (tiled in a
+      near-square grid) or ``[rows, cols, H, W, C]`` (tiled as laid out, e.g.
+      inputs above reconstructions, one interpolation or temperature per
+      row): family-specific pictures, each saved as one grid named by its
+      key.
   """
 
   init: Callable[[Array, Batch], Params]

@@ -655,21 +655,24 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     return decode_images(params, z, x_key)
 
   def visualize(params, batch, key):
-    """Reconstructions (input above its reconstruction) and interpolations
-    between the posterior means of pairs of test images."""
+    """"reconstruction" [2, n, H, W, C]: the first n <= 8 test images in
+    row 0 and their reconstructions (decoded posterior means) in row 1;
+    "interpolation" [n // 2, 8, H, W, C]: row p decodes 8 evenly spaced
+    points from the posterior mean of image 2p to that of image 2p + 1."""
     target = prepare(batch["image"][:8], key)
     encode, _ = bound_fns(params)
     mean, _ = encode(target)
     recon = decode_images(params, mean, key)
     originals = target if binary else (target + 1.0) / 2.0
-    pairs = jnp.stack([originals, recon], axis=1).reshape(
-        (-1,) + image_shape)
-    weights = jnp.linspace(0.0, 1.0, 8)[:, None]
-    rows = []
-    for i in range(0, min(8, mean.shape[0]) - 1, 2):
-      rows.append((1 - weights) * mean[i] + weights * mean[i + 1])
-    interpolation = decode_images(params, jnp.concatenate(rows, 0), key)
-    return {"reconstruction": pairs, "interpolation": interpolation}
+    reconstruction = jnp.stack([originals, recon])
+    paths, steps = mean.shape[0] // 2, 8
+    weights = jnp.linspace(0.0, 1.0, steps)[None, :, None]
+    starts = mean[0:2 * paths:2, None]
+    ends = mean[1:2 * paths:2, None]
+    z = (1.0 - weights) * starts + weights * ends  # [paths, steps, Z]
+    interpolation = decode_images(params, z.reshape(paths * steps, -1), key)
+    interpolation = interpolation.reshape((paths, steps) + image_shape)
+    return {"reconstruction": reconstruction, "interpolation": interpolation}
 
   return Family(init=init, loss=loss, evaluate=evaluate, sample=sample,
                 visualize=visualize)

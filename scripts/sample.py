@@ -5,8 +5,11 @@
       --config.model.sample_steps=50
 
 Writes the samples (EMA parameters) to --out, and next to it every extra
-picture the family offers (for the VAE: <out>_reconstruction.png and
-<out>_interpolation.png, from test images). Uses the workdir's config.json;
+picture the family offers, laid out in rows (the VAE:
+<out>_reconstruction.png, test images above their reconstructions, and
+<out>_interpolation.png, one path per row; flows: <out>_temperatures.png, one
+row per visualize temperature; diffusion: <out>_samplers.png, the same noise
+through DDPM in row 0 and DDIM in row 1). Uses the workdir's config.json;
 ``--config.KEY=VALUE`` overrides sampling settings (an override that changes
 the parameters' shapes is refused). Only the EMA parameters are restored;
 nothing in the workdir is moved.

@@ -12,7 +12,8 @@ For every file and every ``:arg`` it documents (each alone and with
   declared shapes and dtypes (checked with ``jax.eval_shape``, no
   compilation): loss a scalar and a dict of scalars whose names ``evaluate``
   shares; evaluate per-example [B] arrays with ``nll_nats`` and ``bpd``;
-  samples [n, H, W, C] float32; visualize images [N, H, W, C] float32.
+  samples [n, H, W, C] float32; visualize images [N, H, W, C] or
+  [rows, cols, H, W, C] float32.
 
 The smallest smoke models also run for real, on a batch of their data:
 finite values, bpd = nll / (D ln 2), images in [0, 1].
@@ -150,7 +151,9 @@ def test_config_loads_locked_and_builds_its_family(spec):
 
 
 def _check_images(images, shape):
-  assert images.ndim == 4 and tuple(images.shape[1:]) == shape, images.shape
+  """[N, H, W, C], or a laid-out [rows, cols, H, W, C] (visualize)."""
+  assert images.ndim in (4, 5), images.shape
+  assert tuple(images.shape[-3:]) == shape, images.shape
   assert images.dtype == jnp.float32
 
 

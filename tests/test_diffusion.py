@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gm_jax import config_lib, diffusion, schema
+from gm_jax.diffusion import family as diffusion_family
 from gm_jax.diffusion.unet import UNet
 
 
@@ -113,12 +114,16 @@ def test_family_contract(overrides):
       family.sample(p, k, 4), family.visualize(p, b, k)))(params, batch, key)
   assert samples.shape == (4, 8, 8, 1) and samples.dtype == jnp.float32
   assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
-  assert set(pictures) == {"samples_ddpm", "samples_ddim"}
-  # The same key: visualize's grid of the configured sampler is the sample.
+  # One row per sampler: row 0 ddpm, row 1 ddim.
+  assert set(pictures) == {"samplers"}
+  rows = pictures["samplers"]
+  assert rows.shape == (2, 4, 8, 8, 1) and rows.dtype == jnp.float32
+  # The same key: visualize's row of the configured sampler is the sample.
   sampler = overrides["sampler"]
-  np.testing.assert_allclose(pictures[f"samples_{sampler}"], samples,
-                             atol=1e-6)
-  other = pictures["samples_ddpm" if sampler == "ddim" else "samples_ddim"]
+  row = diffusion_family.SAMPLERS.index(sampler)
+  assert diffusion_family.SAMPLERS == ("ddpm", "ddim")
+  np.testing.assert_allclose(rows[row], samples, atol=1e-6)
+  other = rows[1 - row]
   assert other.shape == samples.shape
   assert float(other.min()) >= 0.0 and float(other.max()) <= 1.0
 

@@ -151,12 +151,20 @@ def test_sample_and_visualize():
   assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
   np.testing.assert_allclose(x * 255, np.round(x * 255), atol=1e-4)
   pictures = jax.jit(family.visualize)(params, {"image": images}, _key(2))
-  assert set(pictures) == {"samples_temperature_0.00",
-                           "samples_temperature_1.00"}
+  # One row per temperature (0 then 1), one column per z direction.
+  assert set(pictures) == {"temperatures"}
+  rows = pictures["temperatures"]
+  assert rows.shape == (2, 4, 4, 4, 2) and rows.dtype == jnp.float32
   # Temperature 0 is z = 0 whatever the key: every sample is the same.
-  cold = pictures["samples_temperature_0.00"]
+  cold, warm = rows
   np.testing.assert_array_equal(cold, jnp.broadcast_to(cold[:1], cold.shape))
-  assert float(jnp.std(pictures["samples_temperature_1.00"])) > 0.0
+  assert float(jnp.std(warm)) > 0.0
+  # Row 1 is the inverse of unit-temperature z: the same as sample's output
+  # at temperature 1 for the same draw of z.
+  config.sample_temperature = 1.0
+  hot = jax.jit(flows.make(config).sample, static_argnums=2)(params, _key(2),
+                                                             4)
+  np.testing.assert_allclose(warm, hot, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [

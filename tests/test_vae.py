@@ -168,8 +168,17 @@ def test_family_contract(arch, likelihood, binarize, channels):
   assert samples.shape == (5, 8, 8, channels)
   assert float(samples.min()) >= 0 and float(samples.max()) <= 1
   pictures = jax.jit(family.visualize)(params, batch, jax.random.PRNGKey(4))
-  assert pictures["reconstruction"].shape == (8, 8, 8, channels)
-  assert pictures["interpolation"].shape == (16, 8, 8, channels)
+  recon, paths = pictures["reconstruction"], pictures["interpolation"]
+  # Inputs above their reconstructions; one interpolation per row.
+  assert recon.shape == (2, 4, 8, 8, channels)
+  assert paths.shape == (2, 8, 8, 8, channels)
+  if binarize == "none":
+    np.testing.assert_allclose(recon[0], batch["image"] / 255.0, atol=1e-6)
+  # The decoder's mean is shown (sample_mean), so each path starts and ends
+  # on the decoded posterior means of its pair: images 2p and 2p + 1.
+  np.testing.assert_allclose(paths[:, 0], recon[1, 0::2], atol=1e-5)
+  np.testing.assert_allclose(paths[:, -1], recon[1, 1::2], atol=1e-5)
+  assert float(jnp.abs(paths[:, 0] - paths[:, -1]).max()) > 0.0
 
 
 def test_kl_warmup_and_dynamic_binarization():

@@ -18,7 +18,8 @@
 * ``sample``: ``sampler`` "ddpm" (ancestral, ``variance``) or "ddim"
   (``ddim_eta``), each with ``sample_steps`` steps spaced by
   ``timestep_spacing``.
-* ``visualize``: the same starting noise through both samplers.
+* ``visualize``: the same starting noise through both samplers, as one
+  "samplers" grid (row 0 ddpm, row 1 ddim).
 
 With ``num_classes`` > 0 the network is class-conditional, trained with
 labels dropped to a null token with probability ``label_dropout``, and
@@ -258,10 +259,12 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     return run_sampler(cfg.sampler, params, key, num)
 
   def visualize(params, batch, key):
+    """"samplers" [len(SAMPLERS), n, H, W, C]: row i holds n <= 16 samples
+    of sampler SAMPLERS[i] (ddpm, then ddim), all rows from the same x_T."""
     num = min(batch["image"].shape[0], 16)
     # The same key gives both samplers the same x_T.
-    return {f"samples_{name}": run_sampler(name, params, key, num)
-            for name in SAMPLERS}
+    return {"samplers": jnp.stack([run_sampler(name, params, key, num)
+                                   for name in SAMPLERS])}
 
   return Family(init=init, loss=loss, evaluate=evaluate, sample=sample,
                 visualize=visualize)

@@ -235,6 +235,10 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     return to_unit(flow_sample(flow, params, key, num, num_dims, temperature))
 
   def visualize(params, batch, key):
+    """"temperatures" [len(visualize_temperatures), n, H, W, C]: row i holds
+    n <= 16 samples at temperature visualize_temperatures[i], column j the
+    same z direction in every row (a temperature of 0 gives n copies of the
+    image of z = 0)."""
     # One inverse pass over all temperatures (the same z directions scaled),
     # rather than one traced inverse per temperature.
     num = min(batch["image"].shape[0], 16)
@@ -242,9 +246,8 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     z = jax.random.normal(key, (num, num_dims), jnp.float32)
     z = scales[:, None] * jnp.tile(z, (len(vis_temperatures), 1))
     x, _ = flow.apply({"params": params}, z, method="inverse_and_log_det")
-    x = to_unit(x)
-    return {f"samples_temperature_{t:.2f}": x[i * num:(i + 1) * num]
-            for i, t in enumerate(vis_temperatures)}
+    x = to_unit(x).reshape((len(vis_temperatures), num) + x.shape[1:])
+    return {"temperatures": x}
 
   return Family(init=init, loss=loss, evaluate=evaluate, sample=sample,
                 visualize=visualize)
