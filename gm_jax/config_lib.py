@@ -99,12 +99,27 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+class _AllowedArgs(Exception):
+  """Carries a config's allowed arguments out of ``get_config`` (raised by
+  ``parse_args`` while ``config_args`` asks)."""
+
+  def __init__(self, allowed: Iterable[str]):
+    super().__init__()
+    self.allowed = tuple(sorted(allowed))
+
+
+# True only inside config_args: parse_args then reports instead of parsing.
+_reporting_args = False
+
+
 def parse_args(arg: Optional[str], allowed: Iterable[str]) -> set[str]:
   """Splits ``get_config``'s argument "smoke,mlp" into {"smoke", "mlp"}.
 
   Raises:
     ValueError: naming any word not in ``allowed``.
   """
+  if _reporting_args:
+    raise _AllowedArgs(allowed)
   words = {w.strip() for w in (arg or "").split(",") if w.strip()}
   unknown = words - set(allowed)
   if unknown:
@@ -141,6 +156,17 @@ def load(spec: str) -> ml_collections.ConfigDict:
   """
   path, _, arg = spec.partition(":")
   path = resolve_config_path(path)
+  config = _get_config_fn(path)(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"get_config in {path!r} returned {type(config)}, not a"
+                     " ConfigDict.")
+  config.lock()
+  return config
+
+
+def _get_config_fn(path: str):
+  """The ``get_config`` of the config file at ``path``, imported from its
+  path (no ``sys.path`` edits)."""
   name = "gm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
@@ -148,12 +174,34 @@ def load(spec: str) -> ml_collections.ConfigDict:
   get_config = getattr(module, "get_config", None)
   if get_config is None:
     raise ValueError(f"Config file {path!r} defines no get_config(arg).")
-  config = get_config(arg or None)
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ValueError(f"get_config in {path!r} returned {type(config)}, not a"
-                     " ConfigDict.")
-  config.lock()
-  return config
+  return get_config
+
+
+def config_args(folder: Optional[str] = None) -> dict[str, tuple[str, ...]]:
+  """{file name: the sorted ``:args`` its get_config accepts} for every
+  ``*.py`` in ``folder`` (default: the repository's configs/).
+
+  Each file is imported and its ``get_config`` called once with
+  ``parse_args`` in a reporting mode, which hands back the ``allowed`` words
+  instead of parsing; a config that never calls ``parse_args`` accepts none.
+  Imports every family, so it is for help texts, not for every start-up.
+  """
+  global _reporting_args
+  folder = folder or os.path.join(REPO_ROOT, "configs")
+  accepted = {}
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".py") or name.startswith("_"):
+      continue
+    get_config = _get_config_fn(os.path.join(folder, name))
+    _reporting_args = True
+    try:
+      get_config(None)
+      accepted[name] = ()
+    except _AllowedArgs as reported:
+      accepted[name] = reported.allowed
+    finally:
+      _reporting_args = False
+  return accepted
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:

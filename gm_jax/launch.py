@@ -49,19 +49,38 @@ def define_config_flag(required: bool, help_text: str) -> None:
     flags.mark_flag_as_required("config")
 
 
-def available_configs() -> str:
-  """A help paragraph listing configs/*.py with their one-line summaries."""
+def available_configs(with_args: bool = False) -> str:
+  """A help paragraph listing configs/*.py with their one-line summaries and,
+  ``with_args``, the ``:args`` each accepts (``config_lib.config_args``,
+  which imports every family: only for --help)."""
   from gm_jax import config_lib
   folder = os.path.join(config_lib.REPO_ROOT, "configs")
   if not os.path.isdir(folder):
     return ""
+  accepted = config_lib.config_args(folder) if with_args else {}
   lines = ["Configs (append :arg1,arg2 for a config's arguments, e.g."
-           " :smoke; each file's docstring lists them):"]
+           " :smoke; each file's docstring explains them):"]
   for name in sorted(os.listdir(folder)):
     if name.endswith(".py") and not name.startswith("_"):
       summary = _docstring_summary(os.path.join(folder, name))
       lines.append(f"  configs/{name}: {summary}")
+      if accepted.get(name):
+        lines.append(f"      args: {', '.join(accepted[name])}")
   return "\n".join(lines)
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "?")
+
+
+def _add_config_args_to_help() -> None:
+  """Rewrites --config's help with each config's accepted :args, and the
+  main module's usage docstring with the same list."""
+  listing = available_configs(with_args=True)
+  flag = flags.FLAGS["config"]
+  flag.help = flag.help.split("\nConfigs (", 1)[0] + "\n" + listing
+  main = sys.modules.get("__main__")
+  if main is not None and main.__doc__ and listing not in main.__doc__:
+    main.__doc__ = main.__doc__.rstrip() + "\n\n" + listing + "\n"
 
 
 def _docstring_summary(path: str) -> str:
@@ -291,6 +310,10 @@ def _parse_flags(argv):
       _overrides.append((key, value))
     else:
       rest.append(arg)
+  asks_help = any(a.lstrip("-").partition("=")[0] in _HELP_FLAGS
+                  for a in rest[1:] if a.startswith("-"))
+  if asks_help and "config" in flags.FLAGS:
+    _add_config_args_to_help()
   try:
     return flags.FLAGS(rest)
   except flags.Error as e:

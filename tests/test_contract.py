@@ -113,6 +113,22 @@ def _load(spec):
   return config_lib.load(f"configs/{spec}")
 
 
+def test_config_args_reports_what_each_config_accepts():
+  accepted = config_lib.config_args()
+  assert set(accepted) == set(CONFIG_ARGS)
+  for name, args in accepted.items():
+    # Every documented argument is reported, and every reported one loads.
+    assert {"smoke", *CONFIG_ARGS[name]} <= set(args), name
+    for arg in args:
+      config_lib.load(f"configs/{name}:{arg}")
+    # The same list as the error for an argument the config does not take.
+    with pytest.raises(ValueError) as error:
+      config_lib.load(f"configs/{name}:not_an_arg")
+    assert f"accepts {sorted(args)}" in str(error.value)
+  # parse_args is back to parsing afterwards.
+  assert config_lib.parse_args("smoke", ("smoke",)) == {"smoke"}
+
+
 def _batch(config, split):
   """The first BATCH examples of the config's data."""
   source = data.load_source(config.data, split)

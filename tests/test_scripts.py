@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from gm_jax import metrics
 from tests.conftest import script_env
@@ -107,6 +108,12 @@ def test_evaluate_and_sample_scripts(four_device_run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   for suffix in ("", "_reconstruction", "_interpolation"):
     assert os.path.exists(str(tmp_path / f"grid{suffix}.png"))
+  # Laid out in rows: 28 x 28 digits with 1-pixel padding, inputs above
+  # reconstructions and one 8-step interpolation per row.
+  with Image.open(str(tmp_path / "grid_reconstruction.png")) as png:
+    assert png.size[1] == 2 * 29 + 1
+  with Image.open(str(tmp_path / "grid_interpolation.png")) as png:
+    assert png.size[0] == 8 * 29 + 1
 
 
 def _checkpoint_files(workdir):
@@ -178,6 +185,22 @@ def test_script_errors_are_one_clear_line(tmp_path, script, args, message,
   proc = _run(script, *base, f"--workdir={tmp_path}", *args)
   assert proc.returncode == code, proc.stderr[-2000:]
   assert message in _one_line(proc.stderr)
+
+
+def test_train_help_lists_every_config_and_its_args():
+  proc = _run("train.py", "--help")  # absl's help exits with code 1
+  assert "configs/" in proc.stdout, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  names = sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+  assert names
+  for name in names:
+    # The summary line, then the line of its :args (every config takes
+    # smoke).
+    at = next(i for i, line in enumerate(lines)
+              if line.strip().startswith(f"configs/{name}:"))
+    args = lines[at + 1].strip()
+    assert args.startswith("args: ") and "smoke" in args, (name, args)
 
 
 def test_evaluate_script_without_checkpoint(tmp_path):
