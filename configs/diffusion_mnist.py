@@ -41,7 +41,7 @@ def get_config(arg=None):
   config.train.batch_size = 32
   config.train.eval_batch_size = 250
   config.train.log_every = 100
-  config.train.eval_every = 1_000
+  config_lib.evaluate_times(config, 4)  # the test NLL curve
   config.train.sample_every = 1_000
   config.ckpt.every_steps = 500
   if "smoke" in args:

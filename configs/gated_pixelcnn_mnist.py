@@ -51,7 +51,7 @@ def get_config(arg=None):
   config.train.batch_size = 32
   config.train.eval_batch_size = 100
   config.train.log_every = 100
-  config.train.eval_every = 800
+  config_lib.evaluate_times(config, 4)  # the test NLL curve
   config.train.sample_every = 800
   config.train.num_samples = 20
   config.ckpt.every_steps = 500

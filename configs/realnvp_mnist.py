@@ -46,7 +46,7 @@ def get_config(arg=None):
   config.train.batch_size = 64
   config.train.eval_batch_size = 100
   config.train.log_every = 100
-  config.train.eval_every = 600
+  config_lib.evaluate_times(config, 4)  # the test NLL curve
   config.train.sample_every = 300
   config.ckpt.every_steps = 300
 

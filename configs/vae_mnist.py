@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.train.batch_size = 64
   config.train.eval_batch_size = 100
   config.train.log_every = 200
-  config.train.eval_every = 2_000
+  config_lib.evaluate_times(config, 4)  # the test NLL curve
   config.train.sample_every = 1_000
   config.ckpt.every_steps = 1_000
 

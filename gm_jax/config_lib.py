@@ -204,6 +204,14 @@ def config_args(folder: Optional[str] = None) -> dict[str, tuple[str, ...]]:
   return accepted
 
 
+def evaluate_times(config: ml_collections.ConfigDict, times: int) -> None:
+  """Evaluates ``times`` times per run: ``train.eval_every`` becomes a
+  reference to ``train.num_steps // times``, so an override of num_steps
+  keeps the count (the last evaluation is at num_steps). Needs
+  num_steps >= times; an explicit eval_every override replaces it."""
+  config.train.eval_every = config.train.get_ref("num_steps") // times
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrinks the schedule of a run to a few seconds (model sizes are the
   config file's business)."""

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gm_jax import config_lib, data
+from gm_jax import config_lib, data, launch
 from gm_jax.families import make_family
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -134,6 +134,24 @@ def _batch(config, split):
   source = data.load_source(config.data, split)
   batch = source.get(np.arange(BATCH))
   return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("name", [
+    "vae_mnist.py", "pixelcnn_mnist.py", "gated_pixelcnn_mnist.py",
+    "realnvp_mnist.py", "diffusion_mnist.py", "pixelcnnpp_mnist.py"])
+def test_default_mnist_runs_evaluate_four_times(name):
+  def evaluations(train):  # the steps the trainer evaluates at
+    return [s for s in range(1, train.num_steps + 1)
+            if s % train.eval_every == 0 or s == train.num_steps]
+
+  config = _load(name)
+  assert len(evaluations(config.train)) == 4
+  # The count follows an override of the run's length.
+  launch.apply_overrides(config, [("train.num_steps", "20000")])
+  assert config.train.eval_every == 5000
+  assert len(evaluations(config.train)) == 4
+  # Smoke runs keep their own cadence.
+  assert _load(f"{name}:smoke").train.eval_every == 4
 
 
 def test_every_config_file_and_argument_is_covered():
