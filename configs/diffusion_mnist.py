@@ -10,6 +10,9 @@ deviation of this estimate is 0.28 bits/dim against 1.94 with 25 equal
 strata (2026-11-28, 100 digits x 8 draws); bpd_estimator_stderr reports it. Measured 2026-11-24 on 2 CPU cores: 2.27 bits/dim after the
 1,000 steps of 32, in 4 min 12 s; samples are digit-like but rough; a longer run (e.g.
 --config.train.num_steps=20000 --config.model.width=32) gives clean digits.
+The run evaluates 4 times (train.eval_every = num_steps // 4), each time on
+all 500 test digits, which the time above (one evaluation) leaves out: the
+first took 149 s with its compilation on 2 shared cores (2026-11-28).
 
   python scripts/train.py --config=configs/diffusion_mnist.py --workdir=/tmp/diffusion_mnist
 """

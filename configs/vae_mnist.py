@@ -11,6 +11,10 @@ cores in a few minutes:
 Arguments (comma-separated after the file name): ``smoke`` (seconds, for
 tests), ``mlp`` (the IWAE paper's MLP instead of the conv net), ``logistic``
 (8-bit data with a discretized logistic decoder instead of binarization).
+
+The run evaluates 4 times (train.eval_every = num_steps // 4), each on all
+500 test digits at k = 100: 42 s for the first, with its compilation, on 2
+shared cores (2026-11-28).
 """
 
 from gm_jax import config_lib, vae
