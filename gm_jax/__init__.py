@@ -28,6 +28,10 @@ from gm_jax.diffusion.objectives import (  # noqa: F401  (re-exports)
   simple_loss,
   variational_bound,
 )
+from gm_jax.diffusion.ode import (  # noqa: F401  (re-exports)
+  dequantized_nll,
+  ode_log_likelihood,
+)
 from gm_jax.diffusion.samplers import (  # noqa: F401  (re-exports)
   ddim_sample,
   ddpm_sample,

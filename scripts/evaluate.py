@@ -31,6 +31,10 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", -1, "Evaluate on the first N examples (-1: all).")
 _SPLIT = flags.DEFINE_string("split", None, "Split (default: data.eval_split).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation's randomness.")
+_LIKELIHOOD = flags.DEFINE_enum(
+    "likelihood", None, ["bound", "ode"],
+    "Diffusion models: report the variational bound or the probability-flow"
+    " ODE likelihood (config.model.eval_likelihood; default: the config's).")
 _FID = flags.DEFINE_bool("fid", False, "Also report FID and KID of samples.")
 _FID_SAMPLES = flags.DEFINE_integer("fid_samples", 1000,
                                     "Samples for FID/KID.", lower_bound=2)
@@ -54,10 +58,10 @@ launch.define_distributed_flags()
 
 def _output_path(workdir, step, split, num_examples, seed):
   overrides = launch.overrides()
-  tag = ""
+  tag = "_ode" if _LIKELIHOOD.value == "ode" else ""
   if overrides:
     text = json.dumps(sorted(overrides))
-    tag = "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    tag += "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
   n = "all" if num_examples < 0 else str(num_examples)
   return os.path.join(workdir, "eval",
                       f"step_{step:07d}_{split}_n{n}_seed{seed}{tag}.json")
@@ -110,6 +114,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   workdir = _WORKDIR.value
   config = launch.load_config(flags.FLAGS.config, workdir)
+  if _LIKELIHOOD.value is not None:
+    if config.model.get("family") != "diffusion":
+      raise app.UsageError(
+          f"--likelihood applies to diffusion models; this workdir holds a"
+          f" {config.model.get('family')!r} model.")
+    config.unlock()
+    config.model.eval_likelihood = _LIKELIHOOD.value
+    config.lock()
   launch.initialize_distributed()
   import jax  # after jax.distributed
 

@@ -40,8 +40,8 @@ CONFIG_ARGS = {
     "diffusion_mnist.py": (),
     "gated_pixelcnn_mnist.py": ("conditional", "8bit"),
     "iwae_mnist.py": ("vae", "k1", "two_layer"),
-    "glow_cifar10.py": (),
-    "glow_mnist.py": (),
+    "glow_cifar10.py": ("conditional",),
+    "glow_mnist.py": ("conditional",),
     "pixelcnn_mnist.py": ("paper", "dynamic"),
     "pixelcnnpp_cifar10.py": (),
     "pixelcnnpp_mnist.py": (),
@@ -62,7 +62,15 @@ PARAM_COUNTS = {
     "gated_pixelcnn_mnist.py": 118_209,
     "gated_pixelcnn_mnist.py:conditional": 125_889,
     "gated_pixelcnn_mnist.py:8bit": 134_784,
-    "glow_cifar10.py": 44_051_148,
+    # Glow as published: 44,051,148 with the plain conditioner, + 100,992 for
+    # Glow's conditioner (an actnorm, 2 x 512, in place of each hidden
+    # conv's bias, 512, and the output conv's per-channel logs), + 36 for
+    # the split priors' logs, + 1,056 for the learned top prior (a 3x3 conv
+    # of a constant, 96 outputs, with bias and logs). The paper's "44.0M";
+    # openai/glow's code counts 44,703,060 (a border channel on its 3x3
+    # convs).
+    "glow_cifar10.py": 44_153_232,
+    "glow_cifar10.py:conditional": 37_959_044,
     # Burda et al.'s MLPs: 784-200-200-50 and mirror; two layers add
     # 100-100-50 and mirror (counted layer by layer in test_vae.py).
     "iwae_mnist.py": 425_284,
@@ -70,6 +78,7 @@ PARAM_COUNTS = {
     "iwae_mnist.py:k1": 425_284,
     "iwae_mnist.py:two_layer": 521_084,
     "glow_mnist.py": 76_172,
+    "glow_mnist.py:conditional": 77_716,
     "pixelcnn_mnist.py": 57_921,
     "pixelcnn_mnist.py:paper": 2_736_897,
     "pixelcnn_mnist.py:dynamic": 57_921,

@@ -152,7 +152,28 @@ def optax_global_norm(tree):
     (dict(timestep_spacing="uniform"), "model.timestep_spacing='uniform'"),
     (dict(num_groups=3), "model.num_groups=3"),
     (dict(eval_timesteps=-1), "model.eval_timesteps=-1"),
+    (dict(eval_likelihood="exact"), "model.eval_likelihood=.exact."),
 ])
 def test_bad_model_config_is_named(overrides, message):
   with pytest.raises(ValueError, match=message):
     diffusion.make(_tiny_model_config(**overrides))
+
+
+@pytest.mark.slow
+def test_ode_likelihood_through_the_family():
+  """eval_likelihood="ode": evaluate reports the probability-flow ODE's
+  dequantized NLL (a bound on the discrete NLL) and the solver's steps."""
+  family = diffusion.make(_tiny_model_config(eval_likelihood="ode",
+                                             ode_tolerance=1e-3))
+  key = jax.random.key(0)
+  batch = {"image": jax.random.randint(key, (2, 8, 8, 1), 0, 256).astype(
+      jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
+  params = perturbed(jax.jit(family.init)(key, batch), jax.random.key(2),
+                     0.05)
+  results = jax.jit(family.evaluate)(params, batch, key)
+  assert set(results) == {"nll_nats", "bpd", "ode_steps"}
+  assert bool(jnp.all(jnp.isfinite(results["nll_nats"])))
+  np.testing.assert_allclose(results["bpd"],
+                             results["nll_nats"] / (64 * np.log(2)),
+                             rtol=1e-5)
+  assert float(results["ode_steps"][0]) > 0

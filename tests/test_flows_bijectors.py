@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gm_jax import flows
 from gm_jax.flows import bijectors as bj
-from gm_jax.flows import splines
+from gm_jax.flows import priors, splines
 
 FORWARD = "forward_and_log_det"
 INVERSE = "inverse_and_log_det"
@@ -161,6 +161,65 @@ def test_zero_initialised_coupling_is_identity(kwargs):
   np.testing.assert_allclose(log_det, 0.0, rtol=0, atol=1e-5)
 
 
+def test_zero_conv_and_dense_start_at_zero_and_scale_by_exp_3_logs():
+  x = _x((2, 4, 4, 3))
+  conv = bj.ZeroConv(5)
+  variables = conv.init(_key(0), x)
+  np.testing.assert_array_equal(conv.apply(variables, x), 0.0)
+  params = _perturb(variables["params"], _key(1), scale=0.3)
+  kernel, bias = params["conv"]["kernel"], params["conv"]["bias"]
+  reference = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+  np.testing.assert_allclose(
+      conv.apply({"params": params}, x),
+      reference * np.exp(3.0 * np.asarray(params["logs"])), rtol=1e-5,
+      atol=1e-5)
+  v = jax.random.normal(_key(2), (4, 6))
+  dense = bj.ZeroDense(3)
+  variables = dense.init(_key(0), v)
+  np.testing.assert_array_equal(dense.apply(variables, v), 0.0)
+  params = _perturb(variables["params"], _key(3), scale=0.3)
+  want = ((v @ params["dense"]["kernel"] + params["dense"]["bias"]) *
+          np.exp(3.0 * np.asarray(params["logs"])))
+  np.testing.assert_allclose(dense.apply({"params": params}, v), want,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_glow_conditioner_normalises_hidden_convs_and_starts_at_zero():
+  x = _x((4, 4, 4, 3))
+  net = bj.ConvNet(6, width=8, conditioner="glow")
+  variables = jax.jit(net.init)(_key(0), x)
+  params = variables["params"]
+  # Hidden convs without bias, each followed by an actnorm; a ZeroConv out.
+  assert set(params) == {"Conv_0", "ActNorm_0", "Conv_1", "ActNorm_1",
+                         "ZeroConv_0"}
+  assert set(params["Conv_0"]) == {"kernel"}
+  assert set(params["ZeroConv_0"]) == {"conv", "logs"}
+  np.testing.assert_array_equal(net.apply(variables, x), 0.0)
+  # The actnorms are data-initialised: the first hidden layer's
+  # pre-activations have zero mean and unit variance per channel.
+  hidden = bj.ActNorm().apply(
+      {"params": params["ActNorm_0"]},
+      bj.Conv(8, (3, 3), use_bias=False).apply(
+          {"params": params["Conv_0"]}, x))[0]
+  np.testing.assert_allclose(jnp.mean(hidden, axis=(0, 1, 2)), 0.0,
+                             atol=1e-5)
+  np.testing.assert_allclose(jnp.var(hidden, axis=(0, 1, 2)), 1.0,
+                             rtol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [COUPLINGS[0], COUPLINGS[1]])
+def test_coupling_with_glow_conditioner(kwargs):
+  x = _x((2, 4, 4, 3))
+  module = bj.Coupling(width=8, conditioner="glow", **kwargs)
+  y, log_det = module.apply(_init(module, x, perturb=False), x,
+                            method=FORWARD)
+  np.testing.assert_array_equal(y, x)
+  np.testing.assert_array_equal(log_det, 0.0)
+  check_bijector(module, x)
+
+
 def test_rational_quadratic_spline():
   num_bins, bound = 5, 2.0
   x = jnp.linspace(-3.0, 3.0, 241)  # both tails and every bin
@@ -212,11 +271,86 @@ def test_channel_coupling_needs_two_channels():
 
 def test_gaussian_split_properties_and_identity_init():
   x = _x((2, 2, 2, 6))
-  module = bj.GaussianSplit()
+  module = priors.GaussianSplit()
   y0, ld0 = module.apply(_init(module, x, perturb=False), x, method=FORWARD)
   np.testing.assert_array_equal(y0, x)
   np.testing.assert_array_equal(ld0, 0.0)
   check_bijector(module, x)
+  glow = priors.GaussianSplit(conditioner="glow")
+  variables = _init(glow, x, perturb=False)
+  assert set(variables["params"]["prior"]) == {"conv", "logs"}
+  y0, ld0 = glow.apply(variables, x, method=FORWARD)
+  np.testing.assert_array_equal(y0, x)
+  np.testing.assert_array_equal(ld0, 0.0)
+  check_bijector(glow, x)
+
+
+def test_learned_top_prior_properties_and_standard_normal_init():
+  x = _x((2, 2, 2, 4))
+  module = priors.GaussianTopPrior(learned=True)
+  variables = _init(module, x, perturb=False)
+  y0, ld0 = module.apply(variables, x, method=FORWARD)
+  np.testing.assert_array_equal(y0, x)
+  np.testing.assert_array_equal(ld0, 0.0)
+  check_bijector(module, x)
+  # The zero padding of the conv of a constant makes the (perturbed) prior
+  # depend on the position: not only a per-channel constant.
+  params = _init(module, x)["params"]
+  stats = bj.ZeroConv(8).apply({"params": params["prior"]},
+                               jnp.ones((1, 2, 2, 1)))
+  assert float(jnp.std(stats[0, :, :, 0])) > 0.0
+
+
+def test_class_conditional_top_prior_properties():
+  x = _x((3, 2, 2, 4))
+  labels = jnp.array([0, 2, 1], jnp.int32)
+  module = priors.GaussianTopPrior(learned=False, num_classes=3)
+  variables = jax.jit(lambda x, y: module.init(_key(0), x, y))(x, labels)
+  assert set(variables["params"]) == {"class_prior"}
+  y0, ld0 = module.apply(variables, x, labels)
+  np.testing.assert_array_equal(y0, x)
+  np.testing.assert_array_equal(ld0, 0.0)
+  params = _perturb(variables["params"], _key(1), scale=0.3)
+
+  @jax.jit
+  def run(params, x, labels):
+    def forward(v):
+      return module.apply({"params": params}, v, labels)
+
+    y, log_det = forward(x)
+    x_back, inverse_log_det = module.apply(
+        {"params": params}, y, labels, method=INVERSE)
+    jac = jax.jacfwd(lambda v: forward(v)[0])(x)
+    return y, log_det, x_back, inverse_log_det, jac
+
+  y, log_det, x_back, inverse_log_det, jac = run(params, x, labels)
+  np.testing.assert_allclose(x_back, x, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(inverse_log_det, -log_det, rtol=1e-5)
+  jac = np.asarray(jac, np.float64).reshape(3, 16, 3, 16)
+  for b in range(3):
+    _, expected = np.linalg.slogdet(jac[b, :, b, :])
+    np.testing.assert_allclose(log_det[b], expected, rtol=1e-4, atol=1e-4)
+  # Examples with the same input but other labels get other priors.
+  same_x = jnp.broadcast_to(x[:1], x.shape)
+  y_labels, _, _, _, _ = run(params, same_x, labels)
+  assert not np.allclose(y_labels[0], y_labels[1])
+  with pytest.raises(ValueError, match="needs the labels"):
+    module.apply({"params": params}, x)
+
+
+def test_top_prior_classifier_sows_uniform_logits_at_init():
+  x = _x((3, 2, 2, 4))
+  labels = jnp.array([0, 2, 1], jnp.int32)
+  module = priors.GaussianTopPrior(learned=True, num_classes=3, classifier=True)
+  variables = module.init(_key(0), x, labels)
+  assert "intermediates" not in variables
+  assert set(variables["params"]) == {"prior", "class_prior", "classifier"}
+  (y, _), state = module.apply(variables, x, labels,
+                               mutable=["intermediates"])
+  logits, = state["intermediates"]["class_logits"]
+  assert logits.shape == (3, 3)
+  np.testing.assert_array_equal(logits, 0.0)
+  np.testing.assert_array_equal(y, x)
 
 
 def test_scalar_affine_and_logit_properties():
@@ -329,7 +463,7 @@ def test_actnorm_init_over_the_sharded_global_batch():
 def test_library_never_calls_slogdet():
   import inspect
   for module in (flows.family, flows.bijectors, flows.architectures,
-                 flows.splines):
+                 flows.priors, flows.splines):
     source = inspect.getsource(module)
     for name in ("slogdet", "linalg.det", "linalg.inv"):
       assert f"{name}(" not in source, (module.__name__, name)

@@ -1,12 +1,13 @@
 """Normalizing flows: bijectors, RealNVP and Glow, and the flow family.
 
 Re-exports only: the bijector protocol and layers in ``bijectors``, the
-multi-scale architectures in ``architectures``, rational-quadratic splines in
+learned Gaussian priors (split and top) in ``priors``, the multi-scale
+architectures in ``architectures``, rational-quadratic splines in
 ``splines``, and the likelihood, sampler, config schema and ``make`` in
 ``family``.
 """
 
-from gm_jax.flows import architectures, bijectors, splines
+from gm_jax.flows import architectures, bijectors, priors, splines
 from gm_jax.flows.architectures import (
   MultiScaleFlow,
   build_glow,
@@ -18,12 +19,13 @@ from gm_jax.flows.bijectors import (
   Chain,
   ChannelPermutation,
   Coupling,
-  GaussianSplit,
   Invertible1x1Conv,
   Logit,
   ScalarAffine,
   Squeeze,
   UniformDequantize,
+  ZeroConv,
+  ZeroDense,
 )
 from gm_jax.flows.family import (
   ARCHITECTURES,
@@ -34,13 +36,16 @@ from gm_jax.flows.family import (
   flow_sample,
   make,
   preprocessing,
+  reduce_bits,
 )
+from gm_jax.flows.priors import GaussianSplit, GaussianTopPrior
 
 __all__ = [
     "ARCHITECTURES", "ActNorm", "Bijector", "Chain", "ChannelPermutation",
-    "Coupling", "FlowConfig", "GaussianSplit", "Invertible1x1Conv", "Logit",
-    "MultiScaleFlow", "ScalarAffine", "Squeeze", "UniformDequantize",
-    "architectures", "bijectors", "build_flow", "build_glow", "build_realnvp",
+    "Coupling", "FlowConfig", "GaussianSplit", "GaussianTopPrior",
+    "Invertible1x1Conv", "Logit", "MultiScaleFlow", "ScalarAffine", "Squeeze",
+    "UniformDequantize", "ZeroConv", "ZeroDense", "architectures",
+    "bijectors", "build_flow", "build_glow", "build_realnvp",
     "default_model_config", "flow_log_prob", "flow_sample", "make",
-    "preprocessing", "splines",
+    "preprocessing", "priors", "reduce_bits", "splines",
 ]

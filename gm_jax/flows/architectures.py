@@ -1,11 +1,12 @@
 """Multi-scale flow architectures: RealNVP (Dinh et al., 2017) and Glow
-(Kingma & Dhariwal, 2018), built from the bijectors in ``bijectors.py``.
+(Kingma & Dhariwal, 2018), built from the bijectors in ``bijectors.py`` and ``priors.py``.
 
 Both are a ``MultiScaleFlow``: a list of stages, each optionally squeezing
 first, then a chain of steps, then optionally a ``GaussianSplit`` that
-factors out half the channels. The whole map x [B, H, W, C] -> z [B, D]
-is one bijection onto a standard normal (the split priors are folded in as
-whitening transforms), so log p(x) = log N(z; 0, I) + log|det dz/dx|.
+factors out half the channels, and optionally a ``GaussianTopPrior`` on the
+final tensor. The whole map x [B, H, W, C] -> z [B, D] is one bijection
+onto a standard normal (the split and top priors are folded in as whitening
+transforms), so log p(x) = log N(z; 0, I) + log|det dz/dx|.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gm_jax.flows import bijectors as bj
+from gm_jax.flows import priors
 
 Array = jax.Array
 Shape = Tuple[int, int, int]
@@ -42,6 +44,9 @@ class MultiScaleFlow(bj.Bijector):
     split_after: per stage, whether half the channels are factored out
       (with a split bijector or, if ``splits[i]`` is None, a standard normal
       prior on them).
+    top_prior: a ``GaussianTopPrior`` on the final tensor (learned and/or
+      class-conditional), or None for a standard normal. Class labels given
+      to either direction go to it.
   """
 
   image_shape: Shape
@@ -49,6 +54,8 @@ class MultiScaleFlow(bj.Bijector):
   squeeze_before: Sequence[bool]
   splits: Sequence[Optional[nn.Module]]
   split_after: Sequence[bool]
+  top_prior: Optional[nn.Module] = None
+  takes_labels = True
 
   def latent_shapes(self) -> List[Shape]:
     """The shapes of the pieces of z, in order (factored-out ones, then the
@@ -64,7 +71,9 @@ class MultiScaleFlow(bj.Bijector):
     shapes.append((h, w, c))
     return shapes
 
-  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+  def forward_and_log_det(self, x: Array,
+                          labels: Optional[Array] = None
+                          ) -> Tuple[Array, Array]:
     batch = x.shape[0]
     log_det = jnp.zeros((batch,), jnp.float32)
     pieces = []
@@ -81,10 +90,15 @@ class MultiScaleFlow(bj.Bijector):
         half = h.shape[-1] // 2
         pieces.append(h[..., half:].reshape(batch, -1))
         h = h[..., :half]
+    if self.top_prior is not None:
+      h, prior_log_det = self.top_prior.forward_and_log_det(h, labels)
+      log_det = log_det + prior_log_det
     pieces.append(h.reshape(batch, -1))
     return jnp.concatenate(pieces, axis=-1), log_det
 
-  def inverse_and_log_det(self, z: Array) -> Tuple[Array, Array]:
+  def inverse_and_log_det(self, z: Array,
+                          labels: Optional[Array] = None
+                          ) -> Tuple[Array, Array]:
     batch = z.shape[0]
     shapes = self.latent_shapes()
     sizes = [math.prod(s) for s in shapes]
@@ -93,6 +107,8 @@ class MultiScaleFlow(bj.Bijector):
               for i in range(len(shapes))]
     log_det = jnp.zeros((batch,), jnp.float32)
     h = pieces.pop()
+    if self.top_prior is not None:
+      h, log_det = self.top_prior.inverse_and_log_det(h, labels)
     for i in reversed(range(len(self.stages))):
       if self.split_after[i]:
         h = jnp.concatenate([h, pieces.pop()], axis=-1)
@@ -108,17 +124,28 @@ class MultiScaleFlow(bj.Bijector):
 
 def _coupling(mask: str, parity: int, coupling: str, scale_fn: str,
               width: int, num_res_blocks: int, spline_bins: int,
-              spline_bound: float) -> bj.Coupling:
+              spline_bound: float, conditioner: str,
+              actnorm_data_init: bool) -> bj.Coupling:
   return bj.Coupling(kind=coupling, mask=mask, parity=parity,
                      scale_fn=scale_fn, width=width,
-                     num_res_blocks=num_res_blocks, spline_bins=spline_bins,
-                     spline_bound=spline_bound)
+                     num_res_blocks=num_res_blocks, conditioner=conditioner,
+                     actnorm_data_init=actnorm_data_init,
+                     spline_bins=spline_bins, spline_bound=spline_bound)
+
+
+def _top_prior(learned_top_prior: bool, num_classes: int,
+               classifier: bool) -> Optional[priors.GaussianTopPrior]:
+  """The prior of the final tensor, or None for a standard normal."""
+  if not (learned_top_prior or num_classes > 0):
+    return None
+  return priors.GaussianTopPrior(learned=learned_top_prior,
+                             num_classes=num_classes, classifier=classifier)
 
 
 def glow_step(index: int, width: int, coupling: str, scale_fn: str,
               permutation: str, num_res_blocks: int = 0, spline_bins: int = 8,
-              spline_bound: float = 3.0,
-              actnorm_data_init: bool = True) -> bj.Chain:
+              spline_bound: float = 3.0, actnorm_data_init: bool = True,
+              conditioner: str = "plain") -> bj.Chain:
   """One Glow step: actnorm, invertible 1x1 conv (or a fixed permutation),
   channel-mask coupling. ``index`` seeds the fixed parts."""
   if permutation in bj.CONV_PARAMETERIZATIONS:
@@ -129,7 +156,7 @@ def glow_step(index: int, width: int, coupling: str, scale_fn: str,
       bj.ActNorm(data_init=actnorm_data_init),
       mixer,
       _coupling("channel", 0, coupling, scale_fn, width, num_res_blocks,
-                spline_bins, spline_bound),
+                spline_bins, spline_bound, conditioner, actnorm_data_init),
   ])
 
 
@@ -139,7 +166,9 @@ def build_glow(image_shape: Shape, num_levels: int, steps_per_level: int,
                learned_split_prior: bool = True,
                num_res_blocks: int = 0, spline_bins: int = 8,
                spline_bound: float = 3.0,
-               actnorm_data_init: bool = True) -> MultiScaleFlow:
+               actnorm_data_init: bool = True, conditioner: str = "plain",
+               learned_top_prior: bool = False, num_classes: int = 0,
+               classifier: bool = False) -> MultiScaleFlow:
   """Glow: L levels of (squeeze, K x [actnorm, 1x1 conv, coupling], split),
   the last level without the split. Needs H, W divisible by 2^L.
 
@@ -156,21 +185,27 @@ def build_glow(image_shape: Shape, num_levels: int, steps_per_level: int,
       conditional prior) rather than under a standard normal.
     actnorm_data_init: initialise every actnorm from the statistics of the
       init batch (Glow), or as the identity.
+    conditioner: "plain" or "glow", the couplings' conditioners and the
+      split priors' convs (see ``bijectors.ConvNet``).
+    learned_top_prior, num_classes, classifier: the prior of the final
+      tensor (see ``priors.GaussianTopPrior``); a standard normal when
+      neither learned nor class-conditional.
   """
   stages, splits = [], []
   for level in range(num_levels):
     stages.append(bj.Chain([
         glow_step(level * steps_per_level + k, width, coupling, scale_fn,
                   permutation, num_res_blocks, spline_bins, spline_bound,
-                  actnorm_data_init)
+                  actnorm_data_init, conditioner)
         for k in range(steps_per_level)]))
     last = level == num_levels - 1
     splits.append(None if last or not learned_split_prior
-                  else bj.GaussianSplit())
+                  else priors.GaussianSplit(conditioner))
   return MultiScaleFlow(
       image_shape=tuple(image_shape), stages=stages,
       squeeze_before=[True] * num_levels, splits=splits,
-      split_after=[level < num_levels - 1 for level in range(num_levels)])
+      split_after=[level < num_levels - 1 for level in range(num_levels)],
+      top_prior=_top_prior(learned_top_prior, num_classes, classifier))
 
 
 def _realnvp_couplings(num: int, mask: str, actnorm: bool,
@@ -179,7 +214,8 @@ def _realnvp_couplings(num: int, mask: str, actnorm: bool,
   (RealNVP's batch norm, as a data-initialised affine)."""
   layers = []
   for k in range(num):
-    layers.append(_coupling(mask, k % 2, **coupling_args))
+    layers.append(_coupling(mask, k % 2, actnorm_data_init=actnorm_data_init,
+                            **coupling_args))
     if actnorm:
       layers.append(bj.ActNorm(data_init=actnorm_data_init))
   return bj.Chain(layers)
@@ -191,21 +227,24 @@ def build_realnvp(image_shape: Shape, num_levels: int, steps_per_level: int,
                   actnorm: bool = True,
                   learned_split_prior: bool = False, spline_bins: int = 8,
                   spline_bound: float = 3.0,
-                  actnorm_data_init: bool = True) -> MultiScaleFlow:
+                  actnorm_data_init: bool = True, conditioner: str = "plain",
+                  learned_top_prior: bool = False, num_classes: int = 0,
+                  classifier: bool = False) -> MultiScaleFlow:
   """RealNVP's multi-scale architecture.
 
   Each of the first L - 1 scales: ``steps_per_level`` checkerboard
   couplings, squeeze, ``steps_per_level`` channel couplings, then factor out
   half the channels. The last scale: ``steps_per_level + 1`` checkerboard
   couplings (the paper's 3, 3 and 4). Needs H, W divisible by 2^(L - 1).
-  The arguments are those of ``build_glow``, and ``actnorm``: an actnorm
-  after every coupling.
+  The arguments are those of ``build_glow`` (but ``permutation``), and
+  ``actnorm``: an actnorm after every coupling.
   """
   def couplings(num, mask):
     return _realnvp_couplings(
         num, mask, actnorm, actnorm_data_init, coupling=coupling,
         scale_fn=scale_fn, width=width, num_res_blocks=num_res_blocks,
-        spline_bins=spline_bins, spline_bound=spline_bound)
+        spline_bins=spline_bins, spline_bound=spline_bound,
+        conditioner=conditioner)
 
   stages, squeeze_before, splits, split_after = [], [], [], []
   for _ in range(num_levels - 1):
@@ -215,12 +254,14 @@ def build_realnvp(image_shape: Shape, num_levels: int, steps_per_level: int,
     split_after.append(False)
     stages.append(couplings(steps_per_level, "channel"))
     squeeze_before.append(True)
-    splits.append(bj.GaussianSplit() if learned_split_prior else None)
+    splits.append(priors.GaussianSplit(conditioner) if learned_split_prior
+                  else None)
     split_after.append(True)
   stages.append(couplings(steps_per_level + 1, "checkerboard"))
   squeeze_before.append(False)
   splits.append(None)
   split_after.append(False)
-  return MultiScaleFlow(image_shape=tuple(image_shape), stages=stages,
-                        squeeze_before=squeeze_before, splits=splits,
-                        split_after=split_after)
+  return MultiScaleFlow(
+      image_shape=tuple(image_shape), stages=stages,
+      squeeze_before=squeeze_before, splits=splits, split_after=split_after,
+      top_prior=_top_prior(learned_top_prior, num_classes, classifier))

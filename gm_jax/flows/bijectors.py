@@ -16,9 +16,14 @@ and ``bijector.init(key, x)`` need no ``method=``.
 ``inverse_and_log_det(forward(x))`` returns ``x`` and ``-log_det``. "Forward"
 is the normalising direction (data to the Gaussian base), the one training
 uses; sampling runs the inverse. To add a bijector, subclass ``Bijector``
-and write these two methods; parameters that both directions need are best created in one
-``@nn.compact`` helper that both methods call (see ``ActNorm``), or in
-``setup``. ``Chain`` composes bijectors and sums their log-dets.
+and write these two methods; parameters that both directions need are best
+created in one ``@nn.compact`` helper that both methods call (see
+``ActNorm``), or in ``setup``. ``Chain`` composes bijectors and sums their
+log-dets.
+
+Class-conditional bijectors set ``takes_labels = True`` and take the class
+labels ``[B]`` int32 as a second argument of both methods (``labels=None``
+when unconditional); ``Chain`` passes its labels on to exactly those layers.
 
 Every log-det here comes from a triangular (or diagonal) Jacobian structure:
 element-wise maps, coupling layers (block triangular: additive, affine or
@@ -49,10 +54,17 @@ MASKS = ("channel", "checkerboard")
 SCALE_FNS = ("sigmoid", "tanh")
 CONV_PARAMETERIZATIONS = ("lu", "plain")
 PERMUTATIONS = ("reverse", "shuffle")
+CONDITIONERS = ("plain", "glow")
+# Glow multiplies the learned log-scales of its zero-initialised output
+# layers by 3 (a larger effective step size for them).
+GLOW_LOG_SCALE_FACTOR = 3.0
 
 
 class Bijector(nn.Module):
   """The base of every bijector: the two directions, and ``__call__``."""
+
+  # Whether the two directions take class labels as a second argument.
+  takes_labels = False
 
   def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
     """Returns y = f(x) [B, ...] and log|det df/dx| [B]."""
@@ -62,9 +74,10 @@ class Bijector(nn.Module):
     """Returns x = f^-1(y) [B, ...] and log|det df^-1/dy| [B]."""
     raise NotImplementedError
 
-  def __call__(self, x: Array) -> Tuple[Array, Array]:
-    """The forward direction: ``forward_and_log_det(x)``."""
-    return self.forward_and_log_det(x)
+  def __call__(self, x: Array, *args, **kwargs) -> Tuple[Array, Array]:
+    """The forward direction: ``forward_and_log_det(x)``, or
+    ``forward_and_log_det(x, labels)`` for a conditional bijector."""
+    return self.forward_and_log_det(x, *args, **kwargs)
 
 
 def _batch_constant(value: Array, batch_size: int) -> Array:
@@ -96,20 +109,33 @@ class Chain(Bijector):
   """
 
   layers: Sequence[nn.Module]
+  takes_labels = True
 
-  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
+  def forward_and_log_det(self, x: Array,
+                          labels: Optional[Array] = None
+                          ) -> Tuple[Array, Array]:
     log_det = jnp.zeros((x.shape[0],), jnp.float32)
     for layer in self.layers:
-      x, layer_log_det = layer.forward_and_log_det(x)
+      x, layer_log_det = _run(layer.forward_and_log_det, layer, x, labels)
       log_det = log_det + layer_log_det
     return x, log_det
 
-  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
+  def inverse_and_log_det(self, y: Array,
+                          labels: Optional[Array] = None
+                          ) -> Tuple[Array, Array]:
     log_det = jnp.zeros((y.shape[0],), jnp.float32)
     for layer in reversed(self.layers):
-      y, layer_log_det = layer.inverse_and_log_det(y)
+      y, layer_log_det = _run(layer.inverse_and_log_det, layer, y, labels)
       log_det = log_det + layer_log_det
     return y, log_det
+
+
+def _run(method, layer: nn.Module, x: Array,
+         labels: Optional[Array]) -> Tuple[Array, Array]:
+  """Calls one direction of ``layer``, with the labels if it takes them."""
+  if getattr(layer, "takes_labels", False):
+    return method(x, labels)
+  return method(x)
 
 
 # ----------------------------------------------------------------------------
@@ -372,33 +398,98 @@ class Invertible1x1Conv(Bijector):
 
 
 # ----------------------------------------------------------------------------
-# Coupling layers.
+# Zero-initialised output layers and the coupling conditioners.
+
+
+class ZeroConv(nn.Module):
+  """Glow's "Conv2dZeros": y = (conv(x) + b) * exp(factor * logs).
+
+  Kernel, bias and the per-channel ``logs`` [features] all start at zero, so
+  the output is exactly 0 at initialisation; the factor (3 in Glow) scales
+  the learned log-scale, a larger effective step size for it. Parameters:
+  "conv" (kernel [kh, kw, C_in, features], bias [features]) and "logs".
+  """
+
+  features: int
+  kernel_size: Tuple[int, int] = (3, 3)
+  log_scale_factor: float = GLOW_LOG_SCALE_FACTOR
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = Conv(self.features, self.kernel_size,
+             kernel_init=nn.initializers.zeros,
+             bias_init=nn.initializers.zeros, name="conv")(x)
+    logs = self.param("logs", nn.initializers.zeros, (self.features,))
+    return h * jnp.exp(self.log_scale_factor * logs)
+
+
+class ZeroDense(nn.Module):
+  """Glow's "linear_zeros": y = (x W + b) * exp(factor * logs) on [B, N]
+  inputs; W, b and ``logs`` start at zero, so y = 0 at initialisation."""
+
+  features: int
+  log_scale_factor: float = GLOW_LOG_SCALE_FACTOR
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = nn.Dense(self.features, kernel_init=nn.initializers.zeros,
+                 bias_init=nn.initializers.zeros, name="dense")(x)
+    logs = self.param("logs", nn.initializers.zeros, (self.features,))
+    return h * jnp.exp(self.log_scale_factor * logs)
+
+
+def zero_output_layer(conditioner: str, features: int,
+                      name: Optional[str] = None) -> nn.Module:
+  """The zero-initialised 3x3 output conv of a conditioner: a plain conv
+  (``"plain"``) or Glow's ``ZeroConv`` with its learned scale (``"glow"``)."""
+  if conditioner == "glow":
+    return ZeroConv(features, name=name)
+  if conditioner == "plain":
+    return Conv(features, (3, 3), kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.zeros, name=name)
+  raise ValueError(
+      f"conditioner={conditioner!r}, expected one of {CONDITIONERS}.")
 
 
 class ConvNet(nn.Module):
-  """A coupling conditioner whose last conv is zero-initialised.
+  """A coupling conditioner whose output layer is zero-initialised.
 
   ``num_res_blocks == 0``: Glow's conv3x3 -> ReLU -> conv1x1 -> ReLU ->
   zero-conv3x3. Otherwise RealNVP-style: conv3x3, ``num_res_blocks``
   residual blocks h + conv3x3(ReLU(conv3x3(ReLU(h)))), ReLU, zero-conv3x3.
   The zero output makes every coupling start as the identity.
+
+  ``conditioner="plain"``: every conv has a bias, the output conv is a
+  plain zero-initialised conv. ``"glow"`` (openai/glow's ``f``): each hidden
+  conv has no bias and is followed by an actnorm (data-initialised when
+  ``actnorm_data_init``; its log-det is not needed, the conditioner need not
+  be invertible), and the output layer is a ``ZeroConv``.
   """
 
   out_channels: int
   width: int = 64
   num_res_blocks: int = 0
+  conditioner: str = "plain"
+  actnorm_data_init: bool = True
+
+  def _hidden(self, h: Array, kernel_size: Tuple[int, int]) -> Array:
+    """One hidden conv (before its ReLU), normalised as ``conditioner``
+    says."""
+    if self.conditioner == "plain":
+      return Conv(self.width, kernel_size)(h)
+    h = Conv(self.width, kernel_size, use_bias=False)(h)
+    return ActNorm(data_init=self.actnorm_data_init)(h)[0]
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = Conv(self.width, (3, 3))(x)
+    h = self._hidden(x, (3, 3))
     if self.num_res_blocks == 0:
-      h = Conv(self.width, (1, 1))(nn.relu(h))
+      h = self._hidden(nn.relu(h), (1, 1))
     for _ in range(self.num_res_blocks):
-      r = Conv(self.width, (3, 3))(nn.relu(h))
-      r = Conv(self.width, (3, 3))(nn.relu(r))
+      r = self._hidden(nn.relu(h), (3, 3))
+      r = self._hidden(nn.relu(r), (3, 3))
       h = h + r
-    return Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.zeros)(nn.relu(h))
+    return zero_output_layer(self.conditioner, self.out_channels)(nn.relu(h))
 
 
 def checkerboard_mask(height: int, width: int, parity: int) -> np.ndarray:
@@ -442,7 +533,8 @@ class Coupling(Bijector):
       row + col + parity).
     parity: 0 or 1, which half is kept.
     scale_fn: ``"sigmoid"`` or ``"tanh"``, see ``bounded_log_scale``.
-    width, num_res_blocks: the conditioner, see ``ConvNet``.
+    width, num_res_blocks, conditioner, actnorm_data_init: the conditioner,
+      see ``ConvNet``.
     spline_bins, spline_bound: the spline's K bins on [-bound, bound].
   """
 
@@ -452,6 +544,8 @@ class Coupling(Bijector):
   scale_fn: str = "sigmoid"
   width: int = 64
   num_res_blocks: int = 0
+  conditioner: str = "plain"
+  actnorm_data_init: bool = True
   spline_bins: int = 8
   spline_bound: float = 3.0
 
@@ -470,8 +564,9 @@ class Coupling(Bijector):
                    num_out: int) -> Tuple[Array, Optional[Array]]:
     """NN(kept) -> raw parameters [..., num_out, P], tanh scale or None."""
     per_element = self._params_per_element()
-    h = ConvNet(per_element * num_out, self.width,
-                self.num_res_blocks, name="conditioner")(kept)
+    h = ConvNet(per_element * num_out, self.width, self.num_res_blocks,
+                self.conditioner, self.actnorm_data_init,
+                name="conditioner")(kept)
     tanh_scale = None
     if self.kind == "affine" and self.scale_fn == "tanh":
       tanh_scale = self.param("tanh_scale", nn.initializers.ones, (num_out,))
@@ -527,42 +622,3 @@ class Coupling(Bijector):
 
   def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
     return self._transform(y, inverse=True)
-
-
-# ----------------------------------------------------------------------------
-# The multi-scale split.
-
-
-class GaussianSplit(Bijector):
-  """Glow's split with a learned conditional prior, as a bijector.
-
-  Splits the channels into h1 = x[..., :C//2] (kept, goes on to the next
-  level) and h2 = x[..., C//2:] (factored out) and whitens h2 under the
-  prior N(mu(h1), sigma(h1)^2) predicted by a zero-initialised 3x3 conv:
-  y = [h1, (h2 - mu) / sigma], log-det = -sum log sigma. A standard normal
-  on y then gives log N(h2; mu, sigma^2) for the factored-out half, exactly
-  Glow's split prior, while the whole model stays one bijection onto a
-  standard normal.
-  """
-
-  @nn.compact
-  def _mean_and_log_std(self, h1: Array, num_out: int) -> Tuple[Array, Array]:
-    h = Conv(2 * num_out, (3, 3), kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.zeros, name="prior")(h1)
-    return h[..., :num_out], h[..., num_out:]
-
-  def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
-    half = x.shape[-1] // 2
-    h1, h2 = x[..., :half], x[..., half:]
-    mean, log_std = self._mean_and_log_std(h1, h2.shape[-1])
-    eps = (h2 - mean) * jnp.exp(-log_std)
-    return (jnp.concatenate([h1, eps], axis=-1),
-            -sum_except_batch(log_std))
-
-  def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
-    half = y.shape[-1] // 2
-    h1, eps = y[..., :half], y[..., half:]
-    mean, log_std = self._mean_and_log_std(h1, eps.shape[-1])
-    h2 = eps * jnp.exp(log_std) + mean
-    return (jnp.concatenate([h1, h2], axis=-1),
-            sum_except_batch(log_std))

@@ -1,12 +1,20 @@
 """The normalizing-flow family: RealNVP and Glow trained by exact likelihood.
 
-An image of integer levels x is mapped by one bijection to z ~ N(0, I):
-uniform dequantization (x + u), the scale to [0, 1) (or to [-0.5, 0.5)),
-optionally RealNVP's logit transform, then the multi-scale flow. With
-log-dets summed along the chain, log p(x + u) = log N(z; 0, I) + sum
-log|det|, in level units, so -log p(x + u) bounds the NLL of the 8-bit data
-(each bin has unit volume) and the scale's -D log 256 is the bits/dim
-accounting.
+The 8-bit images are first reduced to ``num_bits`` bits, x in {0, ...,
+2^n - 1} (floor(x / 2^(8 - n)); nothing happens at n = 8). An image of
+these integer levels is mapped by one bijection to z ~ N(0, I): uniform
+dequantization (x + u), the scale to [0, 1) (or to [-0.5, 0.5)), optionally
+RealNVP's logit transform, then the multi-scale flow. With log-dets summed
+along the chain, log p(x + u) = log N(z; 0, I) + sum log|det|, in level
+units, so -log p(x + u) bounds the NLL of the n-bit data (each bin has unit
+volume in level units, 1 / 2^n after the scale) and the scale's
+-D log 2^n is the bits/dim accounting.
+
+With ``num_classes`` > 0 the prior of the final latent is class-conditional
+and, with ``class_loss_weight`` > 0, Glow's auxiliary classifier on the
+top latent adds weight * (its cross-entropy in bits) to the training
+objective; that term is reported on its own ("class_bits",
+"class_error") and never enters "nll_nats" or "bpd".
 
 ``flow_log_prob`` and ``flow_sample`` are the likelihood and the sampler of
 any bijector onto N(0, I); ``build_flow`` assembles the bijection that
@@ -40,6 +48,7 @@ Array = jax.Array
 ARCHITECTURES = ("realnvp", "glow")
 PREPROCESSINGS = ("logit", "shift")
 GLOW_PERMUTATIONS = bijectors.CONV_PARAMETERIZATIONS + bijectors.PERMUTATIONS
+DATA_BITS = 8  # the batches' images are uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +77,27 @@ class FlowConfig(schema.ModelConfig):
       norm.
     actnorm_data_init: initialise actnorms from the first batch's statistics
       (Glow's data-dependent init) rather than as the identity.
+    conditioner: "plain" (convs with biases, a plain zero-initialised output
+      conv) or "glow" (openai/glow: actnorm after each hidden conv, output
+      layer ``ZeroConv`` with the learned scale exp(3 * logs)), for the
+      couplings' conditioners and the split priors' convs.
     learned_split_prior: the factored-out halves get a learned conditional
       prior (Glow) rather than a standard normal.
+    learned_top_prior: the final latent gets a learned prior N(mu, sigma^2)
+      (openai/glow's ``learntop``; see ``priors.GaussianTopPrior``),
+      exactly N(0, I) at initialisation.
+    num_classes: 0 for an unconditional model; else (openai/glow's
+      ``ycond``) the top prior's mean and log-scale get a class-dependent
+      term from a zero-initialised linear layer of the one-hot label, and
+      batches must carry "label" in [0, num_classes). Samples cycle
+      through the classes.
+    class_loss_weight: Glow's ``weight_y``: > 0 adds a linear classifier on
+      the top latent averaged over space and weight * its cross-entropy in
+      bits per example to the training objective (needs num_classes >= 2).
+    num_bits: n, the bits per subpixel the model sees (1..8): the images
+      are reduced to floor(x / 2^(8 - n)) in {0, ..., 2^n - 1}, dequantized
+      with bins of width 1 / 2^n after the scale, and the likelihood is of
+      the n-bit data (its log-det -D log 2^n).
     preprocess: "logit" (RealNVP, with ``logit_alpha``) or "shift" (Glow:
       x / 256 - 0.5).
     logit_alpha: the logit transform's margin, in [0, 0.5).
@@ -89,7 +117,12 @@ class FlowConfig(schema.ModelConfig):
   permutation: str = schema.choice("lu", GLOW_PERMUTATIONS)
   actnorm: bool = True
   actnorm_data_init: bool = True
+  conditioner: str = schema.choice("plain", bijectors.CONDITIONERS)
   learned_split_prior: bool = True
+  learned_top_prior: bool = False
+  num_classes: int = 0
+  class_loss_weight: float = 0.0
+  num_bits: int = DATA_BITS
   preprocess: str = schema.choice("shift", PREPROCESSINGS)
   logit_alpha: float = 0.05
   sample_temperature: float = 0.7
@@ -114,6 +147,16 @@ class FlowConfig(schema.ModelConfig):
                    "must be >= 2")
     schema.require(self.spline_bound > 0, "spline_bound", self.spline_bound,
                    "must be > 0")
+    schema.require(self.num_classes >= 0, "num_classes", self.num_classes,
+                   "must be >= 0")
+    schema.require(self.class_loss_weight >= 0.0, "class_loss_weight",
+                   self.class_loss_weight, "must be >= 0")
+    schema.require(
+        self.class_loss_weight == 0.0 or self.num_classes >= 2,
+        "class_loss_weight", self.class_loss_weight,
+        "needs num_classes >= 2 (the classifier predicts the label)")
+    schema.require(1 <= self.num_bits <= DATA_BITS, "num_bits",
+                   self.num_bits, f"must be in 1..{DATA_BITS}")
     schema.require(0.0 <= self.logit_alpha < 0.5, "logit_alpha",
                    self.logit_alpha, "must be in [0, 0.5)")
     schema.require(self.sample_temperature >= 0.0, "sample_temperature",
@@ -146,7 +189,8 @@ def preprocessing(preprocess: str, logit_alpha: float = 0.05,
 
 
 def build_flow(cfg: FlowConfig) -> Chain:
-  """The whole bijection from integer images [B, H, W, C] to z [B, D]."""
+  """The whole bijection from integer images [B, H, W, C] of ``num_bits``
+  bits to z [B, D]."""
   common = dict(
       image_shape=cfg.image_shape, num_levels=cfg.num_levels,
       steps_per_level=cfg.steps_per_level, width=cfg.width,
@@ -154,16 +198,41 @@ def build_flow(cfg: FlowConfig) -> Chain:
       scale_fn=cfg.scale_fn, spline_bins=cfg.spline_bins,
       spline_bound=cfg.spline_bound,
       learned_split_prior=cfg.learned_split_prior,
-      actnorm_data_init=cfg.actnorm_data_init)
+      actnorm_data_init=cfg.actnorm_data_init, conditioner=cfg.conditioner,
+      learned_top_prior=cfg.learned_top_prior, num_classes=cfg.num_classes,
+      classifier=cfg.class_loss_weight > 0)
   if cfg.architecture == "glow":
     body = build_glow(permutation=cfg.permutation, **common)
   else:
     body = build_realnvp(actnorm=cfg.actnorm, **common)
-  return Chain(preprocessing(cfg.preprocess, cfg.logit_alpha) + [body])
+  return Chain(preprocessing(cfg.preprocess, cfg.logit_alpha,
+                             2**cfg.num_bits) + [body])
+
+
+def reduce_bits(images: Array, num_bits: int) -> Array:
+  """8-bit images [B, ...] (any dtype) -> float32 levels floor(x / 2^(8 - n))
+  in {0, ..., 2^n - 1} (openai/glow's reduction; the identity at n = 8)."""
+  if not 1 <= num_bits <= DATA_BITS:
+    raise ValueError(f"num_bits={num_bits} must be in 1..{DATA_BITS}.")
+  levels = images.astype(jnp.float32)
+  if num_bits == DATA_BITS:
+    return levels
+  return jnp.floor(levels / 2.0**(DATA_BITS - num_bits))
+
+
+def _label_kwargs(labels: Optional[Array]) -> dict[str, Array]:
+  return {} if labels is None else {"labels": labels}
+
+
+def _standard_normal_log_prob(z: Array) -> Array:
+  """log N(z; 0, I) [B] of z [B, ...]."""
+  return losses.sum_except_batch(
+      losses.gaussian_log_prob(z, jnp.zeros_like(z), jnp.zeros_like(z)))
 
 
 def flow_log_prob(flow: nn.Module, params: Any, x: Array,
-                  key: Optional[Array] = None) -> Array:
+                  key: Optional[Array] = None,
+                  labels: Optional[Array] = None) -> Array:
   """log p(x + u) = log N(z; 0, I) + log|det dz/dx| per example, in nats.
 
   For a ``flow`` that starts with ``UniformDequantize`` this lower-bounds the
@@ -176,27 +245,30 @@ def flow_log_prob(flow: nn.Module, params: Any, x: Array,
       to float32).
     key: PRNG key for the flow's randomness (the rng stream "dequantize");
       needed only by a flow that dequantizes.
+    labels: [B] int32 class labels, for a flow that takes them (a
+      class-conditional prior); None otherwise.
 
   Returns:
     [B] log-likelihoods in nats.
   """
   rngs = {} if key is None else {"dequantize": key}
   z, log_det = flow.apply({"params": params}, x.astype(jnp.float32),
-                          rngs=rngs)
-  base = losses.sum_except_batch(
-      losses.gaussian_log_prob(z, jnp.zeros_like(z), jnp.zeros_like(z)))
-  return base + log_det
+                          rngs=rngs, **_label_kwargs(labels))
+  return _standard_normal_log_prob(z) + log_det
 
 
 def flow_sample(flow: nn.Module, params: Any, key: Array, num: int,
-                num_dims: int, temperature: float | Array = 1.0) -> Array:
+                num_dims: int, temperature: float | Array = 1.0,
+                labels: Optional[Array] = None) -> Array:
   """Runs the flow backwards from z ~ N(0, temperature^2 I) [num, D].
 
+  ``labels`` [num] int32 are the classes of a flow that takes them.
   Returns the flow's data-side output: integer levels [num, H, W, C] (as
   float32) for a flow that starts with ``UniformDequantize``.
   """
   z = temperature * jax.random.normal(key, (num, num_dims), jnp.float32)
-  x, _ = flow.apply({"params": params}, z, method="inverse_and_log_det")
+  x, _ = flow.apply({"params": params}, z, method="inverse_and_log_det",
+                    **_label_kwargs(labels))
   return x
 
 
@@ -205,25 +277,62 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
   cfg = schema.parse(FlowConfig, model_config)
   flow = build_flow(cfg)
   num_dims = math.prod(cfg.image_shape)
-  max_level = losses.PIXEL_VALUES - 1
+  max_level = 2**cfg.num_bits - 1
   temperature = float(cfg.sample_temperature)
   vis_temperatures = cfg.visualize_temperatures
+  conditional = cfg.num_classes > 0
+  classifier = cfg.class_loss_weight > 0
+
+  def labels_of(batch):
+    if not conditional:
+      return None
+    if "label" not in batch:
+      raise ValueError(
+          f"config.model.num_classes={cfg.num_classes}: the batch needs"
+          " 'label' [B] int32.")
+    return batch["label"]
+
+  def sample_labels(num):
+    # Samples cycle through the classes.
+    if not conditional:
+      return None
+    return jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
 
   def init(key, batch):
     params_key, noise_key = jax.random.split(key)
     variables = flow.init({"params": params_key, "dequantize": noise_key},
-                          batch["image"].astype(jnp.float32))
+                          reduce_bits(batch["image"], cfg.num_bits),
+                          **_label_kwargs(labels_of(batch)))
     return variables.get("params", {})
 
   def evaluate(params, batch, key):
-    nll = -flow_log_prob(flow, params, batch["image"], key)
-    return {"nll_nats": nll, "bpd": losses.bits_per_dim(nll, num_dims)}
+    labels = labels_of(batch)
+    (z, log_det), state = flow.apply(
+        {"params": params}, reduce_bits(batch["image"], cfg.num_bits),
+        rngs={"dequantize": key}, mutable=["intermediates"],
+        **_label_kwargs(labels))
+    nll = -(_standard_normal_log_prob(z) + log_det)
+    results = {"nll_nats": nll, "bpd": losses.bits_per_dim(nll, num_dims)}
+    if classifier:
+      # The one GaussianTopPrior sows its logits once per forward pass.
+      (logits,), = jax.tree_util.tree_leaves(
+          state["intermediates"], is_leaf=lambda v: isinstance(v, tuple))
+      log_probs = jax.nn.log_softmax(logits)  # [B, K]
+      cross_entropy = -jnp.take_along_axis(log_probs, labels[:, None],
+                                           axis=-1)[:, 0]
+      results["class_bits"] = cross_entropy / math.log(2.0)
+      results["class_error"] = (jnp.argmax(logits, axis=-1) != labels
+                                ).astype(jnp.float32)
+    return results
 
   def loss(params, batch, key, step):
     del step
     metrics = evaluate(params, batch, key)
     metrics = {name: jnp.mean(value) for name, value in metrics.items()}
-    return metrics["bpd"], metrics
+    objective = metrics["bpd"]
+    if classifier:
+      objective = objective + cfg.class_loss_weight * metrics["class_bits"]
+    return objective, metrics
 
   def to_unit(levels):
     # An extreme z (high temperature, early training) can overflow an
@@ -232,7 +341,8 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     return levels / float(max_level)
 
   def sample(params, key, num):
-    return to_unit(flow_sample(flow, params, key, num, num_dims, temperature))
+    return to_unit(flow_sample(flow, params, key, num, num_dims, temperature,
+                               sample_labels(num)))
 
   def visualize(params, batch, key):
     """"temperatures" [len(visualize_temperatures), n, H, W, C]: row i holds
@@ -245,7 +355,11 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     scales = jnp.repeat(jnp.asarray(vis_temperatures, jnp.float32), num)
     z = jax.random.normal(key, (num, num_dims), jnp.float32)
     z = scales[:, None] * jnp.tile(z, (len(vis_temperatures), 1))
-    x, _ = flow.apply({"params": params}, z, method="inverse_and_log_det")
+    labels = sample_labels(num)
+    if labels is not None:
+      labels = jnp.tile(labels, len(vis_temperatures))
+    x, _ = flow.apply({"params": params}, z, method="inverse_and_log_det",
+                      **_label_kwargs(labels))
     x = to_unit(x).reshape((len(vis_temperatures), num) + x.shape[1:])
     return {"temperatures": x}
 
