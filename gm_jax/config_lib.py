@@ -91,6 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameters used for evaluation, samples and inference: the EMA (Polyak
   # average) or the raw parameters.
   config.train.eval_params = "ema"
+  # Sample quality during training: FID and KID of fid_samples samples from
+  # the evaluation parameters against the eval split, every fid_every steps
+  # and at the last step, written with the eval metrics (0: off). Features:
+  # the digit classifier for grey images (trained once, about a minute, and
+  # cached; fid_classifier_steps > 0 trains it for that many steps instead
+  # of its default), the FID Inception-v3 for colour images (its weights in
+  # the feature-extractor cache, see gm_jax.quality.inception).
+  config.train.fid_every = 0
+  config.train.fid_samples = 1000
+  config.train.fid_classifier_steps = 0
   config.train.compilation_cache_dir = "~/.cache/gm_jax/jax_compilation_cache"
 
   config.ckpt = ml_collections.ConfigDict()
@@ -257,6 +267,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every",
               "sample_every"):
     need(config.train[key] > 0, f"train.{key}={config.train[key]} must be > 0.")
+  need(config.train.fid_every >= 0,
+       f"train.fid_every={config.train.fid_every} must be >= 0 (0: off).")
+  need(config.train.fid_samples >= 2,
+       f"train.fid_samples={config.train.fid_samples} must be >= 2.")
+  need(config.train.fid_classifier_steps >= 0,
+       f"train.fid_classifier_steps={config.train.fid_classifier_steps} must"
+       " be >= 0 (0: the classifier's default).")
   need(config.ckpt.every_steps > 0,
        f"ckpt.every_steps={config.ckpt.every_steps} must be > 0.")
   need(0 <= config.data.random_shift < min(tuple(config.model.image_shape)[:2]),

@@ -106,7 +106,8 @@ def truncate_records(path: str, last_step: int) -> int:
 
 class MetricWriter:
   """Appends ``{"step", "split", ...}`` lines to metrics.jsonl and scalars
-  (and images) to TensorBoard under ``workdir/tensorboard``.
+  (and images) to TensorBoard under ``workdir/tensorboard``; string values
+  (e.g. the name of a feature extractor) go to metrics.jsonl only.
 
   Args:
     workdir: the run's folder.
@@ -146,7 +147,8 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
-        self._tb.add_scalar(f"{split}/{k}", float(np.asarray(v)), int(step))
+        if not isinstance(v, str):  # names (e.g. fid_extractor): JSON only
+          self._tb.add_scalar(f"{split}/{k}", float(np.asarray(v)), int(step))
 
   def write_image(self, step: int, name: str, grid: np.ndarray) -> None:
     if self.enabled and self._tb is not None:

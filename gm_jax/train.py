@@ -336,6 +336,17 @@ def evaluate_dataset(evaluate_fn, params, source, batch_size: int,
   return results
 
 
+def draw_samples(sample_fn, params, key, num: int, chunk: int) -> np.ndarray:
+  """``num`` samples as a host array [num, H, W, C], drawn ``chunk`` at a
+  time (chunk i with ``fold_in(key, i)``), so any ``num`` compiles the
+  sampler for one size."""
+  chunk = min(num, chunk)
+  return np.concatenate([
+      np.asarray(jax.device_get(sample_fn(params, jax.random.fold_in(key, i),
+                                          chunk)))
+      for i in range(-(-num // chunk))])[:num]
+
+
 def available_memory_bytes(device: jax.Device) -> Optional[int]:
   """Memory free for new buffers on ``device``: the allocator's limit minus
   what is in use on accelerators, MemAvailable of the host for CPU devices
@@ -500,28 +511,71 @@ class _Outputs:
     self.built, self.workdir, self.eval_source = built, workdir, eval_source
     self.train, self.writer = built.config.train, writer
     self.eval_key, self.sample_key = keys
+    self._quality = None  # (extractor, reference), made on first use
 
   def due(self, every: int, step: int) -> bool:
     return step > 0 and (step % every == 0 or step == self.train.num_steps)
+
+  def evaluation_due(self, step: int) -> bool:
+    """Whether the likelihood (eval_every) or the sample quality
+    (fid_every) is due at ``step``."""
+    return self.due(self.train.eval_every, step) or self.fid_due(step)
+
+  def fid_due(self, step: int) -> bool:
+    return self.train.fid_every > 0 and self.due(self.train.fid_every, step)
 
   def sample_path(self, step: int, name: str = "samples") -> str:
     suffix = "" if name == "samples" else f"_{name}"
     return os.path.join(self.workdir, "samples", f"step_{step:07d}{suffix}.png")
 
-  def evaluate(self, step: int, params) -> dict[str, float]:
+  def evaluate(self, step: int, params) -> dict[str, Any]:
+    """The evaluations due at ``step`` as one eval record: the likelihood
+    (means over the eval split) when eval_every is due, FID / KID when
+    fid_every is; both at the last step, and the likelihood when nothing is
+    due (a finished run's final metrics)."""
     t0 = time.perf_counter()
-    results = evaluate_dataset(
-        self.built.evaluate, params, self.eval_source,
-        self.train.eval_batch_size, self.train.eval_examples, self.eval_key,
-        self.built.mesh, memory_hint=memory_hint(self.built.config.model))
+    results: dict[str, Any] = {}
+    if self.due(self.train.eval_every, step) or not self.fid_due(step):
+      results.update(evaluate_dataset(
+          self.built.evaluate, params, self.eval_source,
+          self.train.eval_batch_size, self.train.eval_examples, self.eval_key,
+          self.built.mesh, memory_hint=memory_hint(self.built.config.model)))
+    if self.fid_due(step):
+      results.update(self.sample_quality(step, params))
     results["eval_seconds"] = time.perf_counter() - t0
     self.writer.write_scalars(step, "eval", results)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+    numbers = {k: v for k, v in results.items() if not isinstance(v, str)}
+    shown = ", ".join(f"{k} {v:.4f}" if not isinstance(v, str) else
+                      f"{k} {v}" for k, v in results.items()
                       if k not in metrics_lib.TIMING_KEYS)
     _print(f"[eval] step {step}: {shown} ({results['eval_seconds']:.1f}s)")
-    if not all(np.isfinite(v) for v in results.values()):
+    if not all(np.isfinite(v) for v in numbers.values()):
       _print(f"WARNING: non-finite evaluation metrics at step {step}.")
     return results
+
+  def sample_quality(self, step: int, params) -> dict[str, Any]:
+    """FID / KID of train.fid_samples samples against the eval split, with
+    the number of samples and the feature extractor's id."""
+    from gm_jax import quality  # only runs with fid_every > 0 need it
+    config = self.built.config
+    if self._quality is None:
+      settings = None
+      if self.train.fid_classifier_steps > 0:
+        settings = quality.ClassifierSettings(
+            num_steps=self.train.fid_classifier_steps)
+      extractor = quality.build_extractor(
+          quality.default_extractor(tuple(config.model.image_shape)),
+          config.data, settings=settings, verbose=jax.process_index() == 0)
+      reference = quality.split_reference(
+          extractor, config.data, config.data.eval_split,
+          verbose=jax.process_index() == 0)
+      self._quality = extractor, reference
+    extractor, reference = self._quality
+    # A stream of its own: the sample grid of this step keeps its draws.
+    key = jax.random.fold_in(jax.random.fold_in(self.sample_key, step), 1)
+    samples = draw_samples(self.built.sample, params, key,
+                           self.train.fid_samples, self.train.eval_batch_size)
+    return quality.sample_scores(extractor, samples, reference, seed=step)
 
   def samples(self, step: int, params) -> None:
     key = jax.random.fold_in(self.sample_key, step)
@@ -545,7 +599,7 @@ class _Outputs:
     (the run was killed between the save and them). Returns the eval
     metrics recorded at ``step``, if any."""
     recorded = [r for r in _records(self.workdir, "eval") if r["step"] == step]
-    if self.due(self.train.eval_every, step) and not recorded:
+    if self.evaluation_due(step) and not recorded:
       recorded = [self.evaluate(step, eval_params(state, self.train))]
     if (self.due(self.train.sample_every, step)
         and not os.path.exists(self.sample_path(step))):
@@ -587,8 +641,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       its checkpoint (if due) is dispatched and before its evaluation.
 
   Returns:
-    The final evaluation metrics (means over the test split); empty when
-    the run stopped early for a preemption (SIGTERM).
+    The final evaluation metrics (means over the test split, and FID / KID
+    with train.fid_every > 0); empty when the run stopped early for a
+    preemption (SIGTERM).
   """
   _setup_compilation_cache(config.train.compilation_cache_dir)
   built = build(config, sharding_lib.make_mesh(devices))
@@ -683,7 +738,7 @@ def _train_loop(built: Built, state: TrainState, start: int, batches,
         _print(f"Preempted: saved the checkpoint at step {done} and"
                " stopped. Run the same command again to continue.")
         return {}
-      if outputs.due(config.train.eval_every, done):
+      if outputs.evaluation_due(done):
         final = outputs.evaluate(done, eval_params(state, config.train))
       if outputs.due(config.train.sample_every, done):
         outputs.samples(done, eval_params(state, config.train))

@@ -68,45 +68,28 @@ def _output_path(workdir, step, split, num_examples, seed):
 
 
 def _sample_quality(config, built, params, split, jax):
-  """{"fid", "kid", "kid_se", "fid_num_samples"} of samples from params."""
-  import dataclasses
-
-  import numpy as np
-
-  from gm_jax import quality
+  """{"fid", "kid", "kid_se", "fid_num_samples", "fid_extractor",
+  "sample_seconds"} of samples from params."""
+  from gm_jax import quality, train
   name = _FID_EXTRACTOR.value or quality.default_extractor(
       tuple(config.model.image_shape))
   settings = None
   if _FID_CLASSIFIER_STEPS.value:
-    settings = dataclasses.replace(quality.ClassifierSettings(),
-                                   num_steps=_FID_CLASSIFIER_STEPS.value)
+    settings = quality.ClassifierSettings(
+        num_steps=_FID_CLASSIFIER_STEPS.value)
   extractor = quality.build_extractor(name, config.data,
                                       weights=_FID_WEIGHTS.value,
                                       settings=settings)
-  extractor_id = extractor.metadata.get("id", extractor.name)
-  reference_path = os.path.join(
-      quality.default_cache_dir(), "references",
-      f"{config.data.source}_{config.data.name or 'default'}_{split}_"
-      f"{extractor_id}.npz")
-  reference = quality.compute_reference(extractor, config.data, split,
-                                        path=reference_path)
-  num = _FID_SAMPLES.value
-  chunk = min(num, config.train.eval_batch_size)
-  key = jax.random.PRNGKey(_SEED.value + 1)
+  reference = quality.split_reference(extractor, config.data, split)
   t0 = time.perf_counter()
-  samples = np.concatenate([
-      np.asarray(jax.device_get(built.sample(params, jax.random.fold_in(key, i),
-                                             chunk)))
-      for i in range(-(-num // chunk))])[:num]
+  samples = train.draw_samples(built.sample, params,
+                               jax.random.PRNGKey(_SEED.value + 1),
+                               _FID_SAMPLES.value,
+                               config.train.eval_batch_size)
   sample_seconds = time.perf_counter() - t0
-  scores = quality.score_against_reference(
-      extractor.features(samples), reference,
-      kid_subset_size=min(1000, num, len(reference.features)
-                          if reference.features is not None else num),
-      seed=_SEED.value)
-  return {"fid": scores["fid"], "kid": scores["kid"],
-          "kid_se": scores["kid_se"], "fid_num_samples": num,
-          "fid_extractor": extractor_id, "sample_seconds": sample_seconds}
+  return {**quality.sample_scores(extractor, samples, reference,
+                                  seed=_SEED.value),
+          "sample_seconds": sample_seconds}
 
 
 def main(argv):

@@ -33,7 +33,8 @@ def main(argv):
   from gm_jax import train  # after jax.distributed, before any JAX use
   results = train.train_and_evaluate(config, _WORKDIR.value)
   if results and launch.is_main_process():
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items())
+    shown = ", ".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4f}"
+                      for k, v in results.items())
     print(f"Final test metrics: {shown}", flush=True)
 
 

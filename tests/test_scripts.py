@@ -248,7 +248,9 @@ def test_old_workdir_config_gets_new_trainer_keys(tmp_path):
   config = json.loads(config_lib.load("configs/vae_mnist.py:smoke")
                       .to_json_best_effort())
   del config["train"]["eval_params"], config["data"]["random_flip"]
+  del config["train"]["fid_every"], config["train"]["fid_samples"]
   (tmp_path / "config.json").write_text(json.dumps(config))
   loaded = launch.workdir_config(str(tmp_path))
   assert loaded.train.eval_params == "ema" and loaded.data.random_flip is False
+  assert loaded.train.fid_every == 0 and loaded.train.fid_samples == 1000
   assert loaded.model.latent_dim == config["model"]["latent_dim"]

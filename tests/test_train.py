@@ -311,6 +311,8 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path, monkeypatch):
     (lambda c: c.train.update(batch_size=6), "divisible by the number of"),
     (lambda c: c.model.update(family="gan"), "Unknown model family 'gan'"),
     (lambda c: c.optim.update(schedule="linear"), "optim.schedule='linear'"),
+    (lambda c: c.train.update(fid_every=-1), "train.fid_every=-1"),
+    (lambda c: c.train.update(fid_samples=1), "train.fid_samples=1"),
 ])
 def test_bad_config_values_are_named(tmp_path, change, message):
   config = smoke_config()
@@ -318,6 +320,44 @@ def test_bad_config_values_are_named(tmp_path, change, message):
   change(config)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_fid_during_training(reference_run, tmp_path, monkeypatch):
+  """train.fid_every: FID / KID of fid_samples samples at every fid_every
+  steps and at the last, in the eval records with N and the extractor; the
+  training, the likelihood and the sample grids stay those of a run
+  without it (the default: off in every config)."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  reference, reference_config, reference_results = reference_run
+  assert reference_config.train.fid_every == 0
+  workdir = str(tmp_path / "fid")
+  results = train.train_and_evaluate(
+      smoke_config(fid_every=4, fid_samples=8, fid_classifier_steps=3),
+      workdir)
+  evals = metrics.read_metrics(workdir, "eval")
+  assert [r["step"] for r in evals] == [4, 6]  # fid_every, then the last
+  assert "nll_nats" not in evals[0]  # eval_every (1000) was not due at 4
+  for record in evals:
+    assert np.isfinite(record["fid"]) and record["fid"] > 0
+    assert np.isfinite(record["kid"]) and np.isfinite(record["kid_se"])
+    assert record["fid_num_samples"] == 8
+    assert record["fid_extractor"].startswith("mnist_classifier-")
+  assert evals[0]["fid"] != evals[1]["fid"]  # other params, other samples
+  assert results["fid"] == evals[1]["fid"]
+  fid_keys = {"fid", "kid", "kid_se", "fid_num_samples", "fid_extractor"}
+  assert {k: v for k, v in results.items() if k not in fid_keys} == {
+      k: v for k, v in reference_results.items()
+      if k not in metrics.TIMING_KEYS} | {
+          "eval_seconds": results["eval_seconds"]}
+  assert (recorded(workdir) and
+          [r for r in recorded(workdir) if r["split"] == "train"]
+          == [r for r in recorded(reference) if r["split"] == "train"])
+  assert_trees_equal(final_params(workdir), final_params(reference))
+  assert sample_files(workdir) == sample_files(reference)
+  assert not any(fid_keys & set(r) for r in metrics.read_metrics(reference))
+  for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
+    if name.endswith(".py") and not name.startswith("_"):
+      assert config_lib.load(f"configs/{name}").train.fid_every == 0, name
 
 
 def test_resuming_with_another_model_is_refused(reference_run, tmp_path):

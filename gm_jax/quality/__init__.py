@@ -39,4 +39,7 @@ from gm_jax.quality.reference import (  # noqa: F401  (re-exports)
   build_extractor,
   compute_reference,
   default_extractor,
+  extractor_id,
+  sample_scores,
+  split_reference,
 )

@@ -9,7 +9,9 @@ What scripts need to score samples against a dataset:
 
 ``compute_reference`` reuses the file at ``path`` when it was made by the
 same extractor from the same images, so the statistics of a split are
-computed once.
+computed once; ``split_reference`` does so at the shared cache path, and
+``sample_scores`` scores samples with what every score is recorded with
+(the number of samples and the extractor's id).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import numpy as np
 
 from gm_jax import data as data_lib
 from gm_jax.quality import classifier, inception
-from gm_jax.quality.features import FeatureExtractor
+from gm_jax.quality.features import FeatureExtractor, default_cache_dir
 from gm_jax.quality.metrics import (
   Reference,
   feature_statistics,
   load_reference,
   save_reference,
+  score_against_reference,
 )
 
 EXTRACTORS = ("mnist_classifier", "inception")
@@ -178,3 +181,50 @@ def compute_reference(extractor: FeatureExtractor, data_config, split: str,
   return Reference(mu, sigma, features.astype(np.float32) if keep_features
                    else None, {**metadata, "num_examples": features.shape[0],
                                "feature_dim": features.shape[1]})
+
+
+def extractor_id(extractor: FeatureExtractor) -> str:
+  """The extractor's identity, recorded with every score (it changes
+  whenever the weights do)."""
+  return extractor.metadata.get("id", extractor.name)
+
+
+def split_reference(extractor: FeatureExtractor, data_config, split: str,
+                    cache_dir: Optional[str] = None,
+                    verbose: bool = True) -> Reference:
+  """The reference statistics of a whole split, cached under
+  ``<cache_dir>/references/`` (default: ``default_cache_dir()``) with a name
+  made of the data source, the dataset, the split and the extractor's id,
+  so every script and the trainer share one file per (data, extractor)."""
+  name = (f"{data_config.source}_{data_config.name or 'default'}_{split}_"
+          f"{extractor_id(extractor)}.npz")
+  path = os.path.join(cache_dir or default_cache_dir(), "references", name)
+  return compute_reference(extractor, data_config, split, path=path,
+                           verbose=verbose)
+
+
+def sample_scores(extractor: FeatureExtractor, samples: Any,
+                  reference: Reference, seed: int = 0) -> dict[str, Any]:
+  """FID and KID of model samples against reference statistics.
+
+  Args:
+    extractor: the FeatureExtractor that made ``reference``.
+    samples: [N, H, W, C] floats in [0, 1] (or uint8), N >= 2.
+    reference: e.g. from ``split_reference``.
+    seed: seed of KID's subset draws.
+
+  Returns:
+    {"fid", "kid", "kid_se": floats, "fid_num_samples": N,
+    "fid_extractor": the extractor's id}. KID uses subsets of
+    min(1000, N, reference size) rows; FID is biased upward for small N, so
+    compare scores of equal N and extractor only.
+  """
+  num = len(samples)
+  reference_size = (len(reference.features) if reference.features is not None
+                    else num)
+  scores = score_against_reference(
+      extractor.features(samples), reference,
+      kid_subset_size=min(1000, num, reference_size), seed=seed)
+  return {"fid": scores["fid"], "kid": scores["kid"],
+          "kid_se": scores["kid_se"], "fid_num_samples": num,
+          "fid_extractor": extractor_id(extractor)}
