@@ -33,9 +33,6 @@ E_q[u | x] above 0.01; the paper's Figure 3 / Table 2).
 from gm_jax import config_lib, vae
 
 TRAIN_EXAMPLES = 60_000
-BATCH_SIZE = 20
-STEPS_PER_EPOCH = TRAIN_EXAMPLES // BATCH_SIZE
-EPOCHS = sum(3**i for i in range(8))  # 3,280
 
 
 def get_config(arg=None):
@@ -49,12 +46,7 @@ def get_config(arg=None):
   config.data.train_split = "train"
   config.data.eval_split = "test"
 
-  config.model = vae.default_model_config()
-  config.model.image_shape = (28, 28, 1)
-  config.model.architecture = "mlp"
-  config.model.hidden_sizes = (200, 200)
-  config.model.latent_dim = 50
-  config.model.likelihood = "bernoulli"
+  vae.iwae_paper_recipe(config, TRAIN_EXAMPLES)
   config.model.binarize = "dynamic"
   config.model.objective = "elbo" if "vae" in args else "iwae"
   config.model.train_samples = 1 if "k1" in args else 5 if "k5" in args else 50
@@ -62,24 +54,8 @@ def get_config(arg=None):
     config.model.stochastic_layers = 2
     config.model.bottom_latent_dim = 100
     config.model.top_hidden_sizes = (100, 100)
-  config.model.iwae_samples = 5000
-  config.model.iwae_chunk = 100
-
-  config.optim.learning_rate = 1e-3
-  config.optim.eps = 1e-4
-  config.optim.schedule = "piecewise"
-  config.optim.piecewise_boundaries = tuple(
-      STEPS_PER_EPOCH * sum(3**j for j in range(i + 1)) for i in range(7))
-  config.optim.piecewise_factor = 10 ** (-1 / 7)
-  config.optim.ema_decay = 0.0  # the paper evaluates the raw parameters
-
-  config.train.num_steps = EPOCHS * STEPS_PER_EPOCH
-  config.train.batch_size = BATCH_SIZE
-  config.train.eval_batch_size = 100
-  config.train.log_every = 5_000
   config.train.eval_every = 1_000_000
   config.train.sample_every = 1_000_000
-  config.ckpt.every_steps = 50_000
 
   if "smoke" in args:
     config_lib.apply_smoke(config)
