@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_examples = -1  # test examples per periodic eval; -1 = all
   config.train.log_every = 100
   config.train.eval_every = 2_000
-  config.train.sample_every = 2_000
+  config.train.sample_every = 2_000  # 0: no sample grids during training
   config.train.num_samples = 64
   # Parameters used for evaluation, samples and inference: the EMA (Polyak
   # average) or the raw parameters.
@@ -264,9 +264,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1).")
   need(config.train.num_steps >= 0,
        f"train.num_steps={config.train.num_steps} must be >= 0.")
-  for key in ("batch_size", "eval_batch_size", "log_every", "eval_every",
-              "sample_every"):
+  for key in ("batch_size", "eval_batch_size", "log_every", "eval_every"):
     need(config.train[key] > 0, f"train.{key}={config.train[key]} must be > 0.")
+  need(config.train.sample_every >= 0,
+       f"train.sample_every={config.train.sample_every} must be >= 0 (0: off).")
   need(config.train.fid_every >= 0,
        f"train.fid_every={config.train.fid_every} must be >= 0 (0: off).")
   need(config.train.fid_samples >= 2,

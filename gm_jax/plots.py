@@ -109,3 +109,42 @@ def plot_curves(workdirs: Sequence[str], out: str,
   fig.savefig(out, dpi=100)
   plt.close(fig)
   return names
+
+
+def plot_grids(grids: Sequence, labels: Sequence[str], out: str,
+               title: str = "") -> None:
+  """Draws image grids side by side, each under its label, into the PNG
+  ``out`` (the cross-family report's one picture of the samples).
+
+  Args:
+    grids: images [H, W, C] (C = 1 or 3) with values in [0, 1] or uint8,
+      e.g. ``metrics.image_grid`` outputs.
+    labels: a title per grid.
+    out: the PNG to write.
+    title: a figure title.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  if len(grids) != len(labels) or not grids:
+    raise ValueError(f"{len(grids)} grids and {len(labels)} labels: need one"
+                     " label per grid and at least one grid.")
+  fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6),
+                           squeeze=False)
+  for ax, grid, label in zip(axes[0], grids, labels, strict=True):
+    grid = np.asarray(grid)
+    if grid.ndim == 3 and grid.shape[-1] == 1:
+      grid = grid[..., 0]
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None,
+              vmin=0, vmax=255 if grid.dtype == np.uint8 else 1,
+              interpolation="nearest")
+    ax.set_title(label, fontsize=9)
+    ax.axis("off")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)

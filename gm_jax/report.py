@@ -9,8 +9,9 @@ self-contained ``report.html`` (images as base64 data URIs) to ``out_dir``:
   whether the figure is exact or a bound, FID and KID of samples (digit
   classifier features, ``gm_jax.quality``) and the time to draw one batch of
   samples;
-* the sample grids side by side, the train and eval curves of every run in
-  one figure (``gm_jax.plots``);
+* the sample grids side by side (also as one labelled picture,
+  ``samples.png``), the train and eval curves of every run in one figure
+  (``gm_jax.plots``);
 * the command, date, device, load and library versions.
 
 Runs live in ``runs_dir/<config name>[_quick]``. A workdir that already
@@ -54,6 +55,14 @@ DEFAULT_CONFIGS = {
     "diffusion": "configs/diffusion_mnist.py",
 }
 
+# Further runs that --families can name (not in the default comparison):
+# the other default configs and the methods added on top of the families.
+VARIANT_CONFIGS = {
+    "gated_pixelcnn": "configs/gated_pixelcnn_mnist.py",
+    "realnvp": "configs/realnvp_mnist.py",
+    "flow_vardeq": "configs/glow_mnist.py:vardeq",
+}
+
 # What each family's test NLL is. A flow's figure is -log p(x + u) of
 # uniformly dequantized data: its exact continuous density, which bounds the
 # discrete NLL from above in expectation over u.
@@ -64,7 +73,8 @@ LIKELIHOOD_KIND = {
     "diffusion": "bound",
 }
 
-REPORT_FILES = ("report.md", "report.html", "curves.png")
+SAMPLES_FIGURE = "samples.png"  # every run's grid side by side, labelled
+REPORT_FILES = ("report.md", "report.html", "curves.png", SAMPLES_FIGURE)
 # Keys that do not change what a run trains: a finished run whose config
 # differs from the requested one only here is reused.
 _IGNORED_KEYS = ("train.compilation_cache_dir", "train.fid_every",
@@ -83,12 +93,13 @@ class ReportError(launch.UsageError):
 
 def quick_overrides(config) -> list[tuple[str, Any]]:
   """The overrides of ``--quick``: a twentieth of the steps (at least 20),
-  100 evaluation examples, a log line every fifth of the run and one
-  checkpoint, evaluation and sample grid at its end."""
+  100 evaluation examples, a log line every fifth of the run, one
+  checkpoint and evaluation at its end, and no sample grids during
+  training (the report draws its own)."""
   steps = max(20, config.train.num_steps // 20)
   return [("train.num_steps", steps), ("train.eval_examples", 100),
           ("train.log_every", max(1, steps // 5)),
-          ("train.eval_every", steps), ("train.sample_every", steps),
+          ("train.eval_every", steps), ("train.sample_every", 0),
           ("ckpt.every_steps", steps),
           ("optim.warmup_steps", min(config.optim.warmup_steps, steps // 5))]
 
@@ -287,6 +298,13 @@ def describe_model(model) -> str:
   return text
 
 
+def likelihood_kind(model) -> str:
+  """"exact" or "bound": what a family's test NLL is for this model."""
+  if model.family == "flow" and model.get("dequantization") == "variational":
+    return "bound"
+  return LIKELIHOOD_KIND.get(model.family, "bound")
+
+
 def likelihood_note(model) -> str:
   """How a family's test NLL is computed ("" when plainly exact)."""
   if model.family == "vae":
@@ -296,6 +314,8 @@ def likelihood_note(model) -> str:
     return ("variational, all timesteps" if not timesteps else
             f"variational, {timesteps}-timestep estimate")
   if model.family == "flow":
+    if model.get("dequantization") == "variational":
+      return "variational dequantization (Flow++)"
     return "density of uniformly dequantized data"
   return ""
 
@@ -383,7 +403,7 @@ def evaluate_run(name: str, spec: str, config, overrides, workdir: str,
       steps=step, batch_size=config.train.batch_size, status=status,
       wall_seconds=wall_seconds,
       images_per_sec=train_images_per_sec(workdir, config.train.batch_size),
-      likelihood=LIKELIHOOD_KIND.get(config.model.family, "bound"),
+      likelihood=likelihood_kind(config.model),
       likelihood_note=likelihood_note(config.model),
       overrides=list(overrides), metrics=results,
       sample_seconds=sample_seconds,
@@ -644,6 +664,10 @@ def compare(specs: Sequence[str], out_dir: str, *,
   for row in rows:
     grids[row.name] = _grid_file(row.name)
     metrics_lib.save_png(os.path.join(out_dir, grids[row.name]), row.grid)
+  plots.plot_grids([row.grid for row in rows],
+                   [f"{row.name}\n{row.model}" for row in rows],
+                   os.path.join(out_dir, SAMPLES_FIGURE),
+                   title=f"{settings.num_samples} samples of each run")
   notes = _notes(rows, settings, time.perf_counter() - started)
   env = environment(command)
   env["load average (1 min)"] = (f"{load_at_start:.2f} at start,"

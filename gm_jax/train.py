@@ -514,7 +514,9 @@ class _Outputs:
     self._quality = None  # (extractor, reference), made on first use
 
   def due(self, every: int, step: int) -> bool:
-    return step > 0 and (step % every == 0 or step == self.train.num_steps)
+    """Every ``every`` steps and at the last; never for ``every`` = 0."""
+    return every > 0 and step > 0 and (step % every == 0 or
+                                       step == self.train.num_steps)
 
   def evaluation_due(self, step: int) -> bool:
     """Whether the likelihood (eval_every) or the sample quality
@@ -522,7 +524,7 @@ class _Outputs:
     return self.due(self.train.eval_every, step) or self.fid_due(step)
 
   def fid_due(self, step: int) -> bool:
-    return self.train.fid_every > 0 and self.due(self.train.fid_every, step)
+    return self.due(self.train.fid_every, step)
 
   def sample_path(self, step: int, name: str = "samples") -> str:
     suffix = "" if name == "samples" else f"_{name}"

@@ -10,8 +10,8 @@
 Writes OUT/report.md and a self-contained OUT/report.html (one table: model,
 parameters, steps x batch, wall time, train images/s, test NLL in nats and
 bits/dim, exact or bound, FID / KID, sampling time; the sample grids; the
-curves of every run; command, date, device and versions), plus curves.png
-and samples_<run>.png. Runs live in RUNS/<config name>[_quick] (default
+curves of every run; command, date, device and versions), plus curves.png,
+samples_<run>.png and samples.png (every grid side by side, labelled). Runs live in RUNS/<config name>[_quick] (default
 RUNS = OUT/runs): a finished run of the same config is evaluated without
 training again; a workdir of another config is refused. Existing report
 files are kept unless --overwrite. --config.KEY=VALUE overrides apply to
@@ -29,8 +29,9 @@ _OUT = flags.DEFINE_string("out", None, "Folder of the report.")
 _RUNS = flags.DEFINE_string("runs", None,
                             "Parent folder of the runs (default: OUT/runs).")
 _FAMILIES = flags.DEFINE_list(
-    "families", None, "Families to compare, by their default configs"
-    " (vae, pixelcnn, flow, diffusion; default: all).")
+    "families", None, "Runs to compare by name: the families' default configs"
+    " (vae, pixelcnn, flow, diffusion; the default is these four) or the"
+    " variants gated_pixelcnn, realnvp, flow_vardeq (report.VARIANT_CONFIGS).")
 _CONFIGS = flags.DEFINE_list(
     "configs", None, "Config specs to compare instead of the families'"
     " defaults, e.g. configs/realnvp_mnist.py,configs/vae_mnist.py:mlp.")
@@ -60,12 +61,12 @@ def main(argv):
   if _CONFIGS.value:
     specs = _CONFIGS.value
   else:
+    known = {**report.DEFAULT_CONFIGS, **report.VARIANT_CONFIGS}
     families = _FAMILIES.value or list(report.DEFAULT_CONFIGS)
-    unknown = sorted(set(families) - set(report.DEFAULT_CONFIGS))
+    unknown = sorted(set(families) - set(known))
     if unknown:
-      raise launch.UsageError(
-          f"Unknown families {unknown}; known: {list(report.DEFAULT_CONFIGS)}.")
-    specs = [report.DEFAULT_CONFIGS[f] for f in families]
+      raise launch.UsageError(f"Unknown families {unknown}; known: {list(known)}.")
+    specs = [known[f] for f in families]
   fid_samples = _FID_SAMPLES.value or (256 if _QUICK.value else 1000)
   settings = report.Settings(
       quick=_QUICK.value, overrides=launch.overrides(),

@@ -127,6 +127,9 @@ def test_html_embeds_decodable_images(smoke_report):
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(image))
   curves = images[-1]
   assert curves.size[0] > 400 and curves.size[1] > 200
+  # The labelled side-by-side picture: one panel per run, wider than tall.
+  picture = Image.open(os.path.join(out, "samples.png"))
+  assert picture.size[0] >= 250 * len(rows) and picture.size[1] > 200
   for row in rows:
     assert f"<td>{row.family}</td>" in text
 
@@ -196,12 +199,14 @@ def test_plan_of_a_workdir(tmp_path):
 
 
 def test_quick_overrides_shorten_every_default_config():
-  for spec in report.DEFAULT_CONFIGS.values():
+  for spec in [*report.DEFAULT_CONFIGS.values(),
+               *report.VARIANT_CONFIGS.values()]:
     full = config_lib.load(spec)
     quick, applied = report.load_config(spec, report.Settings(quick=True))
     assert 20 <= quick.train.num_steps <= full.train.num_steps // 10
     assert quick.train.eval_examples == 100
     assert quick.train.eval_every == quick.train.num_steps
+    assert quick.train.sample_every == 0  # the report draws the grids
     assert quick.train.num_steps % quick.train.log_every == 0
     assert ("train.num_steps", str(quick.train.num_steps)) in applied
   assert report.run_name("configs/vae_mnist.py:smoke,mlp", True) == (

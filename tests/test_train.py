@@ -313,6 +313,7 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path, monkeypatch):
     (lambda c: c.optim.update(schedule="linear"), "optim.schedule='linear'"),
     (lambda c: c.train.update(fid_every=-1), "train.fid_every=-1"),
     (lambda c: c.train.update(fid_samples=1), "train.fid_samples=1"),
+    (lambda c: c.train.update(sample_every=-1), "train.sample_every=-1"),
 ])
 def test_bad_config_values_are_named(tmp_path, change, message):
   config = smoke_config()
@@ -320,6 +321,14 @@ def test_bad_config_values_are_named(tmp_path, change, message):
   change(config)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_cadence_of_outputs():
+  """Every n steps and at the last step; 0 switches an output off."""
+  outputs = train._Outputs.__new__(train._Outputs)
+  outputs.train = smoke_config(num_steps=7).train
+  assert [s for s in range(8) if outputs.due(3, s)] == [3, 6, 7]
+  assert not any(outputs.due(0, s) for s in range(8))
 
 
 def test_fid_during_training(reference_run, tmp_path, monkeypatch):

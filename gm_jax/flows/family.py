@@ -10,6 +10,14 @@ units, so -log p(x + u) bounds the NLL of the n-bit data (each bin has unit
 volume in level units, 1 / 2^n after the scale) and the scale's
 -D log 2^n is the bits/dim accounting.
 
+With ``dequantization="variational"`` the uniform u is replaced by a draw
+from a learned conditional flow q(u | x) (Flow++; see
+``flows.dequantization``) trained jointly, and the reported nll_nats / bpd
+are the variational bound -E_q[log p(x + u) - log q(u | x)], also an upper
+bound on the NLL of the discrete data; ``evaluate`` reports the same
+model's uniform-dequantization figure beside it (uniform_nll_nats,
+uniform_bpd).
+
 With ``num_classes`` > 0 the prior of the final latent is class-conditional
 and, with ``class_loss_weight`` > 0, Glow's auxiliary classifier on the
 top latent adds weight * (its cross-entropy in bits) to the training
@@ -34,7 +42,7 @@ import ml_collections
 
 from gm_jax import losses, schema
 from gm_jax.family import Family
-from gm_jax.flows import bijectors
+from gm_jax.flows import bijectors, dequantization
 from gm_jax.flows.architectures import build_glow, build_realnvp
 from gm_jax.flows.bijectors import (
   Chain,
@@ -94,6 +102,12 @@ class FlowConfig(schema.ModelConfig):
     class_loss_weight: Glow's ``weight_y``: > 0 adds a linear classifier on
       the top latent averaged over space and weight * its cross-entropy in
       bits per example to the training objective (needs num_classes >= 2).
+    dequantization: "uniform" (u ~ U[0, 1)^D) or "variational" (u ~ q(u | x),
+      a conditional flow trained with the model; see
+      ``flows.dequantization``).
+    dequantization_steps: couplings of q's flow.
+    dequantization_width: channels of q's context net and conditioners.
+    dequantization_res_blocks: residual blocks of q's conditioners.
     num_bits: n, the bits per subpixel the model sees (1..8): the images
       are reduced to floor(x / 2^(8 - n)) in {0, ..., 2^n - 1}, dequantized
       with bins of width 1 / 2^n after the scale, and the likelihood is of
@@ -122,6 +136,11 @@ class FlowConfig(schema.ModelConfig):
   learned_top_prior: bool = False
   num_classes: int = 0
   class_loss_weight: float = 0.0
+  dequantization: str = schema.choice("uniform",
+                                      dequantization.DEQUANTIZATIONS)
+  dequantization_steps: int = 4
+  dequantization_width: int = 32
+  dequantization_res_blocks: int = 1
   num_bits: int = DATA_BITS
   preprocess: str = schema.choice("shift", PREPROCESSINGS)
   logit_alpha: float = 0.05
@@ -129,11 +148,15 @@ class FlowConfig(schema.ModelConfig):
   visualize_temperatures: tuple[float, ...] = (0.0, 0.5, 0.7, 1.0)
 
   def validate(self):
-    for key in ("num_levels", "steps_per_level", "width"):
+    for key in ("num_levels", "steps_per_level", "width",
+                "dequantization_steps", "dequantization_width"):
       value = getattr(self, key)
       schema.require(value >= 1, key, value, "must be >= 1")
     schema.require(self.num_res_blocks >= 0, "num_res_blocks",
                    self.num_res_blocks, "must be >= 0")
+    schema.require(self.dequantization_res_blocks >= 0,
+                   "dequantization_res_blocks",
+                   self.dequantization_res_blocks, "must be >= 0")
     glow = self.architecture == "glow"
     squeezes = self.num_levels if glow else self.num_levels - 1
     factor = 2**squeezes
@@ -172,25 +195,32 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def preprocessing(preprocess: str, logit_alpha: float = 0.05,
-                  num_bins: int = losses.PIXEL_VALUES) -> list[nn.Module]:
+                  num_bins: int = losses.PIXEL_VALUES,
+                  dequantizer: Optional[nn.Module] = None
+                  ) -> list[nn.Module]:
   """The data-side bijectors: dequantize, scale, and logit or shift.
 
   ``"logit"``: x + u -> (x + u) / num_bins in [0, 1) -> logit(alpha + (1 -
   2 alpha) .). ``"shift"``: x + u -> (x + u) / num_bins - 0.5. Their
   log-dets (-D log num_bins, and the logit's) enter the likelihood exactly.
+  ``dequantizer`` replaces ``UniformDequantize(num_bins)`` (e.g. a
+  ``dequantization.VariationalDequantize``).
   """
+  first = dequantizer or UniformDequantize(num_bins)
   if preprocess == "logit":
-    return [UniformDequantize(num_bins), ScalarAffine(1.0 / num_bins),
-            Logit(logit_alpha)]
+    return [first, ScalarAffine(1.0 / num_bins), Logit(logit_alpha)]
   if preprocess == "shift":
-    return [UniformDequantize(num_bins), ScalarAffine(1.0 / num_bins, -0.5)]
+    return [first, ScalarAffine(1.0 / num_bins, -0.5)]
   raise ValueError(
       f"preprocess={preprocess!r}, expected one of {PREPROCESSINGS}.")
 
 
-def build_flow(cfg: FlowConfig) -> Chain:
+def build_flow(cfg: FlowConfig, uniform: bool = False) -> Chain:
   """The whole bijection from integer images [B, H, W, C] of ``num_bits``
-  bits to z [B, D]."""
+  bits to z [B, D]. ``uniform=True`` builds it with uniform
+  dequantization whatever ``cfg.dequantization`` says: the same parameter
+  names after the dequantizer, so it runs on the variational model's
+  parameters (those of q unused)."""
   common = dict(
       image_shape=cfg.image_shape, num_levels=cfg.num_levels,
       steps_per_level=cfg.steps_per_level, width=cfg.width,
@@ -205,8 +235,14 @@ def build_flow(cfg: FlowConfig) -> Chain:
     body = build_glow(permutation=cfg.permutation, **common)
   else:
     body = build_realnvp(actnorm=cfg.actnorm, **common)
+  dequantizer = None
+  if cfg.dequantization == "variational" and not uniform:
+    dequantizer = dequantization.VariationalDequantize(
+        num_bins=2**cfg.num_bits, num_steps=cfg.dequantization_steps,
+        width=cfg.dequantization_width,
+        num_res_blocks=cfg.dequantization_res_blocks)
   return Chain(preprocessing(cfg.preprocess, cfg.logit_alpha,
-                             2**cfg.num_bits) + [body])
+                             2**cfg.num_bits, dequantizer) + [body])
 
 
 def reduce_bits(images: Array, num_bits: int) -> Array:
@@ -276,6 +312,8 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
   """Builds the flow ``Family`` from ``config.model`` (see ``FlowConfig``)."""
   cfg = schema.parse(FlowConfig, model_config)
   flow = build_flow(cfg)
+  variational = cfg.dequantization == "variational"
+  uniform_flow = build_flow(cfg, uniform=True) if variational else None
   num_dims = math.prod(cfg.image_shape)
   max_level = 2**cfg.num_bits - 1
   temperature = float(cfg.sample_temperature)
@@ -305,14 +343,19 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
                           **_label_kwargs(labels_of(batch)))
     return variables.get("params", {})
 
-  def evaluate(params, batch, key):
+  def evaluate(params, batch, key, with_uniform=True):
     labels = labels_of(batch)
+    levels = reduce_bits(batch["image"], cfg.num_bits)
     (z, log_det), state = flow.apply(
-        {"params": params}, reduce_bits(batch["image"], cfg.num_bits),
-        rngs={"dequantize": key}, mutable=["intermediates"],
-        **_label_kwargs(labels))
+        {"params": params}, levels, rngs={"dequantize": key},
+        mutable=["intermediates"], **_label_kwargs(labels))
     nll = -(_standard_normal_log_prob(z) + log_det)
     results = {"nll_nats": nll, "bpd": losses.bits_per_dim(nll, num_dims)}
+    if variational and with_uniform:
+      # The same flow's bound with uniform noise: what q gains.
+      uniform_nll = -flow_log_prob(uniform_flow, params, levels, key, labels)
+      results["uniform_nll_nats"] = uniform_nll
+      results["uniform_bpd"] = losses.bits_per_dim(uniform_nll, num_dims)
     if classifier:
       # The one GaussianTopPrior sows its logits once per forward pass.
       (logits,), = jax.tree_util.tree_leaves(
@@ -327,7 +370,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
 
   def loss(params, batch, key, step):
     del step
-    metrics = evaluate(params, batch, key)
+    metrics = evaluate(params, batch, key, with_uniform=False)
     metrics = {name: jnp.mean(value) for name, value in metrics.items()}
     objective = metrics["bpd"]
     if classifier:
@@ -363,5 +406,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     x = to_unit(x).reshape((len(vis_temperatures), num) + x.shape[1:])
     return {"temperatures": x}
 
-  return Family(init=init, loss=loss, evaluate=evaluate, sample=sample,
-                visualize=visualize)
+  return Family(init=init, loss=loss,
+                evaluate=lambda params, batch, key: evaluate(params, batch,
+                                                             key),
+                sample=sample, visualize=visualize)
