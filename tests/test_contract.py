@@ -41,12 +41,12 @@ CONFIG_ARGS = {
     "gated_pixelcnn_mnist.py": ("conditional", "8bit"),
     "iwae_mnist.py": ("vae", "k1", "k5", "two_layer"),
     "glow_cifar10.py": ("conditional",),
-    "glow_mnist.py": ("conditional",),
+    "glow_mnist.py": ("conditional", "vardeq"),
     "pixelcnn_mnist.py": ("paper", "dynamic"),
     "pixelcnnpp_cifar10.py": (),
     "pixelcnnpp_mnist.py": (),
     "realnvp_cifar10.py": (),
-    "realnvp_mnist.py": (),
+    "realnvp_mnist.py": ("vardeq",),
     "vae_binarized_mnist.py": (),
     "vae_mnist.py": ("mlp", "logistic"),
 }
@@ -80,6 +80,8 @@ PARAM_COUNTS = {
     "iwae_mnist.py:two_layer": 521_084,
     "glow_mnist.py": 76_172,
     "glow_mnist.py:conditional": 77_716,
+    # q(u | x): two context convs and 2 couplings of width 16, 8,532.
+    "glow_mnist.py:vardeq": 84_704,
     "pixelcnn_mnist.py": 57_921,
     "pixelcnn_mnist.py:paper": 2_736_897,
     "pixelcnn_mnist.py:dynamic": 57_921,
@@ -87,6 +89,7 @@ PARAM_COUNTS = {
     "pixelcnnpp_mnist.py": 572_847,
     "realnvp_cifar10.py": 5_997_539,
     "realnvp_mnist.py": 333_851,
+    "realnvp_mnist.py:vardeq": 342_383,
     "vae_binarized_mnist.py": 425_284,
     "vae_mnist.py": 836_033,
     "vae_mnist.py:mlp": 1_079_600,
@@ -148,7 +151,8 @@ def _batch(config, split):
 
 @pytest.mark.parametrize("name", [
     "vae_mnist.py", "pixelcnn_mnist.py", "gated_pixelcnn_mnist.py",
-    "realnvp_mnist.py", "diffusion_mnist.py", "pixelcnnpp_mnist.py"])
+    "glow_mnist.py", "realnvp_mnist.py", "diffusion_mnist.py",
+    "pixelcnnpp_mnist.py"])
 def test_default_mnist_runs_evaluate_four_times(name):
   def evaluations(train):  # the steps the trainer evaluates at
     return [s for s in range(1, train.num_steps + 1)
