@@ -267,8 +267,9 @@ def test_schedule_shape_follows_the_variance_and_the_rest_the_bound(
     train_timesteps):
   """Network and endpoints: the gradient of the mean loss; the schedule's
   shape: the gradient of the mean squared per-example loss."""
-  variance = VDM(tiny_config(train_timesteps=train_timesteps))
-  plain = VDM(tiny_config(train_timesteps=train_timesteps,
+  variance = VDM(tiny_config(train_timesteps=train_timesteps,
+                             num_blocks=0))
+  plain = VDM(tiny_config(train_timesteps=train_timesteps, num_blocks=0,
                           schedule_gradient="bound"))
   batch = images(jax.random.key(0))
   params = variance.init(jax.random.key(1), batch)
@@ -282,16 +283,20 @@ def test_schedule_shape_follows_the_variance_and_the_rest_the_bound(
   eps = jax.random.normal(jax.random.key(5), x.shape)
   drop = jax.random.key(6)
 
-  def mean_of(model, power):
-    return lambda p: jnp.mean(model.diffusion_bpd(p, x, t, eps, drop) ** power)
+  def per_example(model):
+    return lambda p: model.diffusion_bpd(p, x, t, eps, drop)
 
   @jax.jit
   def gradients(params):
-    return (jax.value_and_grad(mean_of(variance, 1))(params),
-            jax.value_and_grad(mean_of(plain, 1))(params),
-            jax.grad(mean_of(plain, 2))(params))
+    value_v, grad_v = jax.value_and_grad(
+        lambda p: jnp.mean(per_example(variance)(p)))(params)
+    value_p, vjp = jax.vjp(per_example(plain), params)
+    # Of mean(L) and of mean(L^2) = (1/B) sum L_i^2, from one backward.
+    grad_p, = vjp(jnp.full_like(value_p, 1 / 3))
+    grad_sq, = vjp(2 * value_p / 3)
+    return value_v, grad_v, jnp.mean(value_p), grad_p, grad_sq
 
-  (value_v, grad_v), (value_p, grad_p), grad_sq = gradients(params)
+  value_v, grad_v, value_p, grad_p, grad_sq = gradients(params)
   np.testing.assert_allclose(value_v, value_p, rtol=1e-6)
   close = lambda a, b: jax.tree.map(assert_close, a, b)  # noqa: E731
   close(grad_v["net"], grad_p["net"])
@@ -306,16 +311,16 @@ def test_schedule_shape_follows_the_variance_and_the_rest_the_bound(
 def test_family_loss_carries_the_variance_gradient():
   """With one example the squared loss's gradient is 2 L times the
   loss's; the prior and reconstruction do not depend on the shape."""
-  variance = make(family_config())
-  plain = make(family_config(schedule_gradient="bound"))
+  variance = make(family_config(num_blocks=0))
+  plain = make(family_config(num_blocks=0, schedule_gradient="bound"))
   batch = images(jax.random.key(0), batch=1)
   params = variance.init(jax.random.key(1), batch)
   params["schedule"] = random_schedule(jax.random.key(2))
   key, step = jax.random.key(3), jnp.int32(0)
-  grad = jax.jit(jax.grad(lambda fam_loss, p: fam_loss(p, batch, key, step)[0],
-                          argnums=1), static_argnums=0)
-  (_, metrics) = plain.loss(params, batch, key, step)
-  grad_v, grad_p = grad(variance.loss, params), grad(plain.loss, params)
+  grad = jax.jit(jax.grad(lambda fam_loss, p: fam_loss(p, batch, key, step),
+                          argnums=1, has_aux=True), static_argnums=0)
+  grad_v, _ = grad(variance.loss, params)
+  grad_p, metrics = grad(plain.loss, params)
   scale = 2 * float(metrics["diffusion_bpd"])
   jax.tree.map(lambda u, v: assert_close(u, scale * v),
                grad_v["schedule"]["shape"], grad_p["schedule"]["shape"])
@@ -328,7 +333,7 @@ def test_family_loss_carries_the_variance_gradient():
 
 
 @pytest.mark.parametrize("changes", [
-    {}, {"schedule": "fixed_linear", "eval_timesteps": 8,
+    {}, {"schedule": "fixed_linear", "eval_timesteps": 8, "num_blocks": 0,
          "train_timesteps": 8, "sample_decode": "sample"}])
 def test_family_loss_evaluate_and_sample(changes):
   family = make(family_config(**changes))
