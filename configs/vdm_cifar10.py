@@ -1,26 +1,27 @@
 """VDM on CIFAR-10: the paper's model (Kingma et al., 2021, Appendix B).
 
-The paper's CIFAR-10 result without data augmentation: 2.65 bits/dim on the
-test set (Table 1; the released code's README quotes the paper as 2.64 and
-its checkpoint evaluates to 2.637). Model: a noise predictor at the full
-32x32 resolution with no down- or up-sampling, 32 ResNet blocks of width
-128 before the middle and 33 after (skip connections), self-attention only
-in the middle, dropout 0.1, Fourier features sin / cos(2 pi 2^n z) for
+Paper figure: 2.65 bits/dim on the CIFAR-10 test set without data
+augmentation (Table 1; the released code's README quotes the paper as 2.64
+and reports 2.637 for its released checkpoint). Model: a noise predictor at
+the full 32x32 resolution with no down- or up-sampling, 32 ResNet blocks of
+width 128 before the middle and 33 after (skip connections), self-attention
+only in the middle, dropout 0.1, Fourier features sin / cos(2 pi 2^n z) for
 n = 6, 7 on the input, conditioned on gamma(t); gamma from -13.3 to 5 at
-the start, learned (the monotone network with 1024 sigmoid units; its
+the start and learned (the monotone network with 1024 sigmoid units, its
 shape trained to minimise the diffusion term's variance, its endpoints by
-the bound); continuous-time bound with antithetic t. Training as in the
+the bound); the continuous-time bound with antithetic t. Training as in the
 released code's cifar10 config: AdamW (b1 0.9, b2 0.99, weight decay 0.01),
 lr 2e-4 constant after 100 warm-up steps, batch 128, EMA 0.9999, 10M steps,
 no augmentation. That config uses the linear schedule with learned
-endpoints, ``learned_linear`` here; ``fixed`` is the fixed linear one.
-Data: tfds cifar10, the 50,000 training images, evaluated on the 10,000
-test images with the continuous-time bound, 4 stratified t per image
-(``eval_time_samples``; the paper's figure is the same estimator averaged
-over the test set). Parameters: 30,589,318 with the learned schedule
-(3,075 of them the schedule's; 30,586,243 for ``fixed``, 30,586,245 for
-``learned_linear``); the paper states no count that I could find. ``smoke`` shrinks everything and reads the embedded
-32x32 colour patches (no download).
+endpoints: ``learned_linear`` here; ``fixed`` is the fixed linear one.
+Data: tfds cifar10, the 50,000 training images; evaluation on the 10,000
+test images with the continuous-time bound, 4 draws of t per image
+(``eval_time_samples``: two independent stratified halves), whose mean over
+the test set estimates the same quantity as the paper's figure.
+Parameters: 30,589,318 with the learned schedule (3,075 of them the
+schedule's), 30,586,245 with ``learned_linear``, 30,586,243 with ``fixed``;
+the paper states no parameter count that I could find. ``smoke`` shrinks
+everything and reads the embedded 32x32 colour patches (no download).
 measured:
 
   python scripts/train.py --config=configs/vdm_cifar10.py --workdir=/tmp/vdm_cifar10

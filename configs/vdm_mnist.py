@@ -6,8 +6,9 @@ monotone schedule (endpoints by the bound, shape by the diffusion term's
 variance), Fourier features (n = 6, 7), a 28x28 noise predictor without
 resampling (width 16, 1 + 2 ResNet blocks, attention in the middle).
 Reports the continuous-time bound on the 500 test digits in bits/dim of the
-8-bit data with 4 stratified draws of t per digit (model.eval_time_samples;
-the per-digit estimator noise is reported as bpd_estimator_stderr), split
+8-bit data with 4 draws of t per digit (model.eval_time_samples: two independent
+stratified halves, whose difference gives the estimator noise,
+bpd_estimator_sd / _stderr), split
 into prior_bpd, recon_bpd and diffusion_bpd. Samples use 100 ancestral
 steps. ``fixed`` swaps in the fixed linear log-SNR schedule (gamma from
 -13.3 to 5). measured: (see the final report of the run that added this

@@ -10,13 +10,17 @@
   ``schedule_gradient`` = "variance" the shape of the "learned" schedule
   between them gets the gradient of the squared diffusion term, i.e. it is
   trained to minimise the estimator's variance (``bound.variance_gradient``).
+  That is exact in continuous time, where the bound does not depend on the
+  shape; with T steps it does, and "variance" then trades some bound for
+  variance ("bound" is the choice for T-step training).
   Logged: bpd, prior_bpd, recon_bpd, diffusion_bpd and the endpoints
   gamma_0 = -log SNR_max, gamma_1 = -log SNR_min.
 * ``evaluate``: the same bound per example (``bound.variational_bound``),
   continuous (``eval_timesteps`` = 0) or T-step, with
-  ``eval_time_samples`` stratified draws of t per example; the three terms
-  in bits/dim sum to ``bpd``. With more than one draw the diffusion term's
-  estimator variance is reported (``*_estimator_var``).
+  ``eval_time_samples`` draws of t per example (two independent stratified
+  halves); the three terms in bits/dim sum to ``bpd``. With more than one
+  draw the diffusion term's estimator variance is reported
+  (``*_estimator_var``, unbiased from the halves' difference).
 * ``sample``: ``sample_steps``-step ancestral sampling, then the decoder's
   most likely level (``sample_decode`` = "argmax") or a draw of it.
 """
@@ -68,7 +72,9 @@ class VDMConfig(schema.ModelConfig):
     train_timesteps: 0 trains the continuous-time bound, T > 0 the T-step.
     eval_timesteps: 0 evaluates the continuous-time bound, T > 0 the
       T-step one.
-    eval_time_samples: draws of t per example in ``evaluate``.
+    eval_time_samples: draws of t per example in ``evaluate``: 1, or an
+      even number (two independent stratified halves, whose difference
+      estimates the estimator's variance).
     sample_steps: steps of the ancestral sampler.
     sample_decode: "argmax" (the decoder's most likely level) or "sample".
   """
@@ -113,8 +119,11 @@ class VDMConfig(schema.ModelConfig):
     for key in ("train_timesteps", "eval_timesteps"):
       schema.require(getattr(self, key) >= 0, key, getattr(self, key),
                      "must be >= 0 (0 = continuous time)")
-    schema.require(self.eval_time_samples >= 1, "eval_time_samples",
-                   self.eval_time_samples, "must be >= 1")
+    schema.require(
+        self.eval_time_samples == 1 or (self.eval_time_samples >= 2
+                                        and self.eval_time_samples % 2 == 0),
+        "eval_time_samples", self.eval_time_samples,
+        "must be 1 or even (two independent halves)")
     schema.require(self.sample_steps >= 1, "sample_steps", self.sample_steps,
                    "must be >= 1")
 
