@@ -123,3 +123,17 @@ from gm_jax.vae import (  # noqa: F401  (re-exports)
   multi_sample_elbo,
   reparameterize,
 )
+
+# Variational diffusion models: the bound, schedules, variance gradient and
+# sampler, usable with any eps_fn(z_t, gamma_t).
+from gm_jax.vdm import ScoreNet, VDMConfig  # noqa: F401
+from gm_jax.vdm.bound import (  # noqa: F401  (re-exports)
+  ancestral_sample,
+  fixed_linear_gamma,
+  learned_gamma,
+  monotone_shape,
+  variance_gradient,
+)
+from gm_jax.vdm.bound import (  # noqa: F401  (re-exports)
+  variational_bound as vdm_variational_bound,
+)

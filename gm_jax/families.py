@@ -6,7 +6,7 @@ from typing import Callable
 
 import ml_collections
 
-from gm_jax import autoregressive, diffusion, flows, vae
+from gm_jax import autoregressive, diffusion, flows, vae, vdm
 from gm_jax.family import Family
 
 FAMILIES: dict[str, Callable[[ml_collections.ConfigDict], Family]] = {
@@ -14,6 +14,7 @@ FAMILIES: dict[str, Callable[[ml_collections.ConfigDict], Family]] = {
     "flow": flows.make,
     "pixelcnn": autoregressive.make,
     "diffusion": diffusion.make,
+    "vdm": vdm.make,
 }
 
 

@@ -49,6 +49,8 @@ CONFIG_ARGS = {
     "realnvp_mnist.py": ("vardeq",),
     "vae_binarized_mnist.py": (),
     "vae_mnist.py": ("mlp", "logistic"),
+    "vdm_cifar10.py": ("fixed", "learned_linear"),
+    "vdm_mnist.py": ("fixed",),
 }
 
 # Parameter counts of the full-size models, measured with jax.eval_shape.
@@ -94,6 +96,13 @@ PARAM_COUNTS = {
     "vae_mnist.py": 836_033,
     "vae_mnist.py:mlp": 1_079_600,
     "vae_mnist.py:logistic": 836_178,
+    # VDM's full-resolution net (32 + 33 ResNet blocks of width 128) plus
+    # the learned schedule's 3,075 (1,024 x 3 + slope + two endpoints).
+    "vdm_cifar10.py": 30_589_318,
+    "vdm_cifar10.py:fixed": 30_586_243,
+    "vdm_cifar10.py:learned_linear": 30_586_245,
+    "vdm_mnist.py": 44_804,
+    "vdm_mnist.py:fixed": 41_729,
 }
 
 # Smoke models that also run for real: the smallest with a ``visualize``

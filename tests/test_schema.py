@@ -6,7 +6,7 @@ import json
 import ml_collections
 import pytest
 
-from gm_jax import autoregressive, diffusion, flows, schema, vae
+from gm_jax import autoregressive, diffusion, flows, schema, vae, vdm
 from gm_jax.families import FAMILIES
 
 # Each family's config dataclass and the factory of its default config.model.
@@ -16,6 +16,7 @@ SCHEMAS = {
                  autoregressive.default_model_config),
     "flow": (flows.FlowConfig, flows.default_model_config),
     "diffusion": (diffusion.DiffusionConfig, diffusion.default_model_config),
+    "vdm": (vdm.VDMConfig, vdm.default_model_config),
 }
 
 
