@@ -61,6 +61,7 @@ VARIANT_CONFIGS = {
     "gated_pixelcnn": "configs/gated_pixelcnn_mnist.py",
     "realnvp": "configs/realnvp_mnist.py",
     "flow_vardeq": "configs/glow_mnist.py:vardeq",
+    "vdm": "configs/vdm_mnist.py",
 }
 
 # What each family's test NLL is. A flow's figure is -log p(x + u) of
@@ -71,6 +72,7 @@ LIKELIHOOD_KIND = {
     "pixelcnn": "exact",
     "flow": "exact",
     "diffusion": "bound",
+    "vdm": "bound",
 }
 
 SAMPLES_FIGURE = "samples.png"  # every run's grid side by side, labelled
@@ -286,7 +288,7 @@ def describe_model(model) -> str:
   """e.g. "VAE (conv), binary data (dynamic)" from a model config, with the
   sampler where the family has a choice of them."""
   names = {"vae": "VAE", "pixelcnn": "autoregressive", "flow": "flow",
-           "diffusion": "diffusion U-Net"}
+           "diffusion": "diffusion U-Net", "vdm": "VDM"}
   text = names.get(model.family, model.family)
   if model.get("architecture"):
     text += f" ({model.architecture})"
@@ -313,6 +315,10 @@ def likelihood_note(model) -> str:
     timesteps = model.get("eval_timesteps", 0)
     return ("variational, all timesteps" if not timesteps else
             f"variational, {timesteps}-timestep estimate")
+  if model.family == "vdm":
+    steps = model.get("eval_timesteps", 0)
+    return ("variational, continuous time" if not steps else
+            f"variational, {steps} steps")
   if model.family == "flow":
     if model.get("dequantization") == "variational":
       return "variational dequantization (Flow++)"
