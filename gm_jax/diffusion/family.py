@@ -16,11 +16,14 @@
   the decoder term at t = 0, like every L_t, uses one draw of x_1 per
   example. ``bpd_estimator_sd`` / ``_stderr`` report the timestep draws'
   share of the noise (a conservative estimate). The per-term split is returned as prior_bpd, diffusion_bpd and
-  decoder_bpd, and the per-example ``simple_loss`` (one more call, at a
-  uniform timestep) overlays the training curve.
+  decoder_bpd, and the per-example training terms (``simple_loss`` and,
+  unless ``loss_type`` is "simple", ``vlb_term_bpd``; one more call, at a
+  uniform timestep) overlay the training curve.
 * ``sample``: ``sampler`` "ddpm" (ancestral, ``variance``) or "ddim"
   (``ddim_eta``), each with ``sample_steps`` steps spaced by
   ``timestep_spacing``.
+* ``visualize``: the same starting noise through both samplers, as one
+  "samplers" grid (row 0 ddpm, row 1 ddim).
 
 ``variance`` = "learned_range" is improved DDPM's learned variance: the
 U-Net has 2C output channels [prediction, v] and the reverse variance is
@@ -28,8 +31,6 @@ exp(frac log beta_t + (1 - frac) log beta~_t), frac = (v + 1) / 2, in the
 bound, in ``evaluate`` and in the ancestral sampler (respaced: the respaced
 chain's beta and beta~); DDIM and the ODE likelihood use the prediction
 channels only.
-* ``visualize``: the same starting noise through both samplers, as one
-  "samplers" grid (row 0 ddpm, row 1 ddim).
 
 With ``num_classes`` > 0 the network is class-conditional, trained with
 labels dropped to a null token with probability ``label_dropout``, and
@@ -219,7 +220,6 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
   net = make_unet(cfg)
   conditional = cfg.num_classes > 0
   null_label = cfg.num_classes
-
   learned = cfg.variance == "learned_range"
 
   def model_fn(params, labels, train=False, dropout_key=None):
