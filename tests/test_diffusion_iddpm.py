@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gm_jax import losses, schema
+from gm_jax import config_lib, losses, schema
 from gm_jax.diffusion import family as diffusion_family
 from gm_jax.diffusion import objectives, samplers, schedules
 from tests.test_diffusion import _tiny_model_config, perturbed
@@ -315,15 +315,21 @@ def test_ode_likelihood_uses_the_prediction_channels_only():
   key = jax.random.key(8)
   batch = {"image": jax.random.randint(key, (2, 8, 8, 1), 0, 256).astype(
       jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
-  params = perturbed(learned.init(key, batch), jax.random.key(9), 0.05)
+  params = learned.init(key, batch)
+  # A constant prediction (eps = 0.1) and v = 0.7: the ODE is chaotic for
+  # random weights, so the two families must compute the same drift
+  # exactly, not merely up to rounding; v leaking into the drift would
+  # change it.
+  params["conv_out"] = {"kernel": params["conv_out"]["kernel"] * 0.0,
+                        "bias": jnp.array([0.1, 0.7])}
   with_v, fixed = _split_params(params, 0.7)
-  np.testing.assert_allclose(learned.evaluate(with_v, batch, key)["bpd"],
-                             small.evaluate(fixed, batch, key)["bpd"],
+  got = learned.evaluate(with_v, batch, key)["bpd"]
+  np.testing.assert_allclose(got, small.evaluate(fixed, batch, key)["bpd"],
                              rtol=1e-5)
+  assert bool(jnp.all(jnp.isfinite(got)))
 
 
 def test_paper_config_keeps_improved_ddpm_hyper_parameters():
-  from gm_jax import config_lib
   config = config_lib.load("configs/iddpm_cifar10.py")
   model = config.model
   assert (model.num_timesteps, model.schedule) == (4000, "cosine")
