@@ -23,7 +23,11 @@ outputs 2C channels), L_hybrid = L_simple + 0.001 L_vlb (model.loss_type
 "hybrid") and the cosine schedule, keeping T = 1000 (the paper uses 4000;
 1000 keeps the CPU run's evaluation as cheap as the default's), and
 samples with the 50-step respaced ancestral sampler and its learned
-variances (sampler "ddpm"). measured: (see the README)
+variances (sampler "ddpm"). measured (2026-11-29, 1,000 steps, 280,322
+parameters): 6.54 bits/dim, standard error 1.96 over the 500 digits, almost
+all of it the timestep draws' (bpd_estimator_stderr 1.97): after 1,000
+steps the learned variances are far from trained, so the bound is loose and
+noisy; 34 min 52 s on 2 cores shared with another job.
 
   python scripts/train.py --config=configs/diffusion_mnist.py --workdir=/tmp/diffusion_mnist
   python scripts/train.py --config=configs/diffusion_mnist.py:iddpm --workdir=/tmp/iddpm_mnist
