@@ -17,14 +17,27 @@ gives clean digits. The run evaluates 4 times (train.eval_every =
 num_steps // 4), each on all 500 test digits: the first took 149 s with its
 compilation on 2 shared cores (2026-11-28).
 
+The ``iddpm`` argument trains improved DDPM (Nichol & Dhariwal, 2021)
+instead: learned variances (model.variance "learned_range": the U-Net
+outputs 2C channels), L_hybrid = L_simple + 0.001 L_vlb (model.loss_type
+"hybrid") and the cosine schedule, keeping T = 1000 (the paper uses 4000;
+1000 keeps the CPU run's evaluation as cheap as the default's), and
+samples with the 50-step respaced ancestral sampler and its learned
+variances (sampler "ddpm"). measured (2026-11-29, 1,000 steps, 280,322
+parameters): 6.54 bits/dim, standard error 1.96 over the 500 digits, almost
+all of it the timestep draws' (bpd_estimator_stderr 1.97): after 1,000
+steps the learned variances are far from trained, so the bound is loose and
+noisy; 34 min 52 s on 2 cores shared with another job.
+
   python scripts/train.py --config=configs/diffusion_mnist.py --workdir=/tmp/diffusion_mnist
+  python scripts/train.py --config=configs/diffusion_mnist.py:iddpm --workdir=/tmp/iddpm_mnist
 """
 
 from gm_jax import config_lib, diffusion
 
 
 def get_config(arg=None):
-  args = config_lib.parse_args(arg, allowed=("smoke",))
+  args = config_lib.parse_args(arg, allowed=("smoke", "iddpm"))
   config = config_lib.base_config()
   config.data.source = "embedded_mnist"
   config.model = diffusion.default_model_config()
@@ -38,6 +51,11 @@ def get_config(arg=None):
   config.model.eval_timesteps = 25
   config.model.sampler = "ddim"
   config.model.sample_steps = 50
+  if "iddpm" in args:
+    config.model.variance = "learned_range"
+    config.model.loss_type = "hybrid"
+    config.model.schedule = "cosine"
+    config.model.sampler = "ddpm"
 
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100

@@ -37,8 +37,9 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # The arguments each config documents, besides "smoke".
 CONFIG_ARGS = {
     "diffusion_cifar10.py": ("bf16", "exact", "cosine", "ddpm"),
-    "diffusion_mnist.py": (),
+    "diffusion_mnist.py": ("iddpm",),
     "gated_pixelcnn_mnist.py": ("conditional", "8bit"),
+    "iddpm_cifar10.py": ("bf16", "exact"),
     "iwae_mnist.py": ("vae", "k1", "k5", "two_layer"),
     "glow_cifar10.py": ("conditional",),
     "glow_mnist.py": ("conditional", "vardeq"),
@@ -61,6 +62,8 @@ PARAM_COUNTS = {
     "diffusion_cifar10.py:cosine": 35_746_307,
     "diffusion_cifar10.py:ddpm": 35_746_307,
     "diffusion_mnist.py": 280_177,
+    # 145 more: conv_out's 16 * 9 + 1 for the variance channel.
+    "diffusion_mnist.py:iddpm": 280_322,
     "gated_pixelcnn_mnist.py": 118_209,
     "gated_pixelcnn_mnist.py:conditional": 125_889,
     "gated_pixelcnn_mnist.py:8bit": 134_784,
@@ -75,6 +78,11 @@ PARAM_COUNTS = {
     "glow_cifar10.py:conditional": 37_959_044,
     # Burda et al.'s MLPs: 784-200-200-50 and mirror; two layers add
     # 100-100-50 and mirror (counted layer by layer in test_vae.py).
+    # Improved DDPM's CIFAR-10 sizes in gm_jax's U-Net (its checkpoint's
+    # name says 50M; its U-Net conditions GroupNorm by scale and shift).
+    "iddpm_cifar10.py": 49_066_246,
+    "iddpm_cifar10.py:bf16": 49_066_246,
+    "iddpm_cifar10.py:exact": 49_066_246,
     "iwae_mnist.py": 425_284,
     "iwae_mnist.py:vae": 425_284,
     "iwae_mnist.py:k1": 425_284,

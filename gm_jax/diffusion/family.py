@@ -2,8 +2,11 @@
 
 ``make(model_config)`` builds the Family from the ``DiffusionConfig``:
 
-* ``loss``: L_simple (eps, x0 or v prediction) at a uniform timestep,
-  logged as ``simple_loss``.
+* ``loss``: at a uniform timestep, per ``loss_type``: L_simple (eps, x0
+  or v prediction), logged as ``simple_loss``; improved DDPM's L_hybrid =
+  L_simple + 0.001 L_vlb with the bound's term training only the learned
+  variance; or L_vlb alone (``objectives.training_terms``; the term is
+  logged as ``vlb_term_bpd``).
 * ``evaluate``: the variational bound in nats and bits/dim of the 8-bit
   data, an upper bound on the NLL. ``eval_timesteps`` = 0 sums all T - 1 KL
   terms (one network call each); n > 0 uses the stratified unbiased
@@ -13,13 +16,21 @@
   the decoder term at t = 0, like every L_t, uses one draw of x_1 per
   example. ``bpd_estimator_sd`` / ``_stderr`` report the timestep draws'
   share of the noise (a conservative estimate). The per-term split is returned as prior_bpd, diffusion_bpd and
-  decoder_bpd, and the per-example ``simple_loss`` (one more call, at a
-  uniform timestep) overlays the training curve.
+  decoder_bpd, and the per-example training terms (``simple_loss`` and,
+  unless ``loss_type`` is "simple", ``vlb_term_bpd``; one more call, at a
+  uniform timestep) overlay the training curve.
 * ``sample``: ``sampler`` "ddpm" (ancestral, ``variance``) or "ddim"
   (``ddim_eta``), each with ``sample_steps`` steps spaced by
   ``timestep_spacing``.
 * ``visualize``: the same starting noise through both samplers, as one
   "samplers" grid (row 0 ddpm, row 1 ddim).
+
+``variance`` = "learned_range" is improved DDPM's learned variance: the
+U-Net has 2C output channels [prediction, v] and the reverse variance is
+exp(frac log beta_t + (1 - frac) log beta~_t), frac = (v + 1) / 2, in the
+bound, in ``evaluate`` and in the ancestral sampler (respaced: the respaced
+chain's beta and beta~); DDIM and the ODE likelihood use the prediction
+channels only.
 
 With ``num_classes`` > 0 the network is class-conditional, trained with
 labels dropped to a null token with probability ``label_dropout``, and
@@ -71,8 +82,19 @@ class DiffusionConfig(schema.ModelConfig):
       classifier-free guidance.
     label_dropout: probability of training on the null label.
     guidance_scale: w of the classifier-free guidance when sampling.
-    variance: the reverse process's variance, "fixed_small" or
-      "fixed_large".
+    variance: the reverse process's variance, "fixed_small" (beta~_t),
+      "fixed_large" (beta_t) or "learned_range" (improved DDPM: the U-Net
+      outputs 2C channels, the last C interpolate log beta_t and
+      log beta~_t; needs ``loss_type`` "hybrid" or "vlb" to train them).
+    loss_type: the training objective at a uniform timestep t:
+      "simple": L_simple (DDPM), the mean squared error of the prediction;
+      "hybrid": L_simple + 0.001 L_vlb (improved DDPM), per example the
+        squared error plus T / 1000 times L_t in bits/dim with
+        stop_gradient on the mean, so L_vlb trains only the variance (needs
+        "learned_range"); "vlb": T L_t in bits/dim, an unbiased estimate
+        of the bound less its constant prior term, training everything
+        (timesteps uniform; improved DDPM's importance sampling is not
+        implemented). See ``objectives.training_terms``.
     eval_timesteps: 0 for the exact bound (all T terms), n for a stratified
       estimate with n network calls.
     eval_exact_timesteps: of those n calls, how many evaluate timesteps
@@ -113,6 +135,7 @@ class DiffusionConfig(schema.ModelConfig):
   label_dropout: float = 0.1
   guidance_scale: float = 1.0
   variance: str = schema.choice("fixed_small", schedules.VARIANCES)
+  loss_type: str = schema.choice("simple", objectives.LOSS_TYPES)
   eval_timesteps: int = 0
   eval_exact_timesteps: int = 15
   eval_likelihood: str = schema.choice("bound", ("bound", "ode"))
@@ -156,6 +179,15 @@ class DiffusionConfig(schema.ModelConfig):
                    "must be >= 0")
     schema.require(0.0 <= self.label_dropout <= 1.0, "label_dropout",
                    self.label_dropout, "must be in [0, 1]")
+    learned = self.variance == "learned_range"
+    schema.require(not (learned and self.loss_type == "simple"), "loss_type",
+                   self.loss_type,
+                   'must be "hybrid" or "vlb" with variance "learned_range"'
+                   " (L_simple does not train the variance)")
+    schema.require(learned or self.loss_type != "hybrid", "loss_type",
+                   self.loss_type,
+                   'needs variance "learned_range" (the hybrid\'s bound term'
+                   " trains only a learned variance)")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -172,7 +204,8 @@ def make_unet(cfg: DiffusionConfig) -> UNet:
               dropout=cfg.dropout, num_groups=cfg.num_groups,
               num_heads=cfg.num_heads,
               resample_with_conv=cfg.resample_with_conv,
-              out_channels=cfg.image_shape[-1],
+              out_channels=cfg.image_shape[-1] * (
+                  2 if cfg.variance == "learned_range" else 1),
               num_classes=cfg.num_classes, dtype=DTYPES[cfg.dtype])
 
 
@@ -187,15 +220,37 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
   net = make_unet(cfg)
   conditional = cfg.num_classes > 0
   null_label = cfg.num_classes
+  learned = cfg.variance == "learned_range"
 
   def model_fn(params, labels, train=False, dropout_key=None):
+    """The raw network: [B, H, W, C], or [B, H, W, 2C] when learned."""
     rngs = {"dropout": dropout_key} if train else None
     return lambda x, t: net.apply({"params": params}, x, t, labels,
                                   train=train, rngs=rngs)
 
+  def prediction_fn(params, labels):
+    """The prediction channels alone (eps, x0 or v): [B, H, W, C]."""
+    net_fn = model_fn(params, labels)
+    return lambda x, t: objectives.split_output(net_fn(x, t),
+                                                cfg.variance)[0]
+
+  def mean_eps_fn(params, labels):
+    """eps from the prediction channels (DDIM)."""
+    return objectives.eps_fn_from_model(prediction_fn(params, labels),
+                                        schedule, cfg.prediction)
+
   def eps_fn(params, labels):
-    return objectives.eps_fn_from_model(model_fn(params, labels), schedule,
-                                        cfg.prediction)
+    """eps, or (eps, v) with a learned variance (bound, DDPM sampler)."""
+    if not learned:
+      return mean_eps_fn(params, labels)
+    net_fn = model_fn(params, labels)
+
+    def fn(x, t):
+      pred, v = objectives.split_output(net_fn(x, t), cfg.variance)
+      eps = objectives.eps_fn_from_model(lambda *_: pred, schedule,
+                                         cfg.prediction)(x, t)
+      return eps, v
+    return fn
 
   def init(key, batch):
     x = jnp.zeros((batch["image"].shape[0],) + image_shape, jnp.float32)
@@ -203,25 +258,38 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     labels = jnp.zeros(x.shape[:1], jnp.int32) if conditional else None
     return net.init({"params": key}, x, t, labels)["params"]
 
-  def simple_loss(params, x0, labels, key_t, key_noise, dropout_key=None):
-    """L_simple per example [B] at uniform timesteps; dropout if a key."""
+  def train_terms(params, x0, labels, key_t, key_noise, dropout_key=None):
+    """Per-example [B] training terms at uniform timesteps (one network
+    call): "simple_loss", plus "vlb_term_bpd" unless ``loss_type`` is
+    "simple"; dropout if a key."""
     t = jax.random.randint(key_t, x0.shape[:1], 0, cfg.num_timesteps)
     noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
     net_fn = model_fn(params, labels, dropout_key is not None, dropout_key)
-    return objectives.simple_loss(net_fn, schedule, x0, t, noise,
-                                  cfg.prediction)
+    if cfg.loss_type == "simple":
+      return {"simple_loss": objectives.simple_loss(
+          net_fn, schedule, x0, t, noise, cfg.prediction)}
+    return objectives.training_terms(
+        net_fn, schedule, x0, t, noise, cfg.prediction, cfg.variance,
+        stop_mean_gradient=cfg.loss_type == "hybrid")
 
   def loss(params, batch, key, step):
-    del step  # L_simple has no schedule over training steps.
+    del step  # No schedule over training steps.
     x0 = losses.scale_to_symmetric(batch["image"])  # [B, H, W, C]
     key_t, key_noise, key_drop, key_label = jax.random.split(key, 4)
     labels = None
     if conditional:
       drop = jax.random.bernoulli(key_label, cfg.label_dropout, x0.shape[:1])
       labels = jnp.where(drop, null_label, batch["label"].astype(jnp.int32))
-    value = jnp.mean(simple_loss(params, x0, labels, key_t, key_noise,
-                                 key_drop))
-    return value, {"simple_loss": value}
+    terms = train_terms(params, x0, labels, key_t, key_noise, key_drop)
+    metrics = {name: jnp.mean(value) for name, value in terms.items()}
+    if cfg.loss_type == "simple":
+      value = metrics["simple_loss"]
+    elif cfg.loss_type == "hybrid":
+      value = (metrics["simple_loss"] +
+               objectives.HYBRID_VLB_WEIGHT * metrics["vlb_term_bpd"])
+    else:
+      value = metrics["vlb_term_bpd"]
+    return value, metrics
 
   def evaluate(params, batch, key):
     x0 = losses.scale_to_symmetric(batch["image"])
@@ -229,7 +297,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
               if conditional else None)
     if cfg.eval_likelihood == "ode":
       out = ode.dequantized_nll(
-          model_fn(params, labels), schedule, x0, key,
+          prediction_fn(params, labels), schedule, x0, key,
           prediction=cfg.prediction, divergence=cfg.ode_divergence,
           rtol=cfg.ode_tolerance, atol=cfg.ode_tolerance)
       return {"nll_nats": out["nll_nats"],
@@ -241,7 +309,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     # Its own stream, so the bound's draws stay those of ``key``.
     key_t, key_noise = jax.random.split(jax.random.fold_in(key, 1))
     return {
-        "simple_loss": simple_loss(params, x0, labels, key_t, key_noise),
+        **train_terms(params, x0, labels, key_t, key_noise),
         "nll_nats": terms["nll_nats"],
         "bpd": losses.bits_per_dim(terms["nll_nats"], num_dims),
         "prior_bpd": losses.bits_per_dim(terms["prior_nats"], num_dims),
@@ -253,23 +321,33 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
             num_dims * losses.LN2) ** 2,
     }
 
-  def guided_eps_fn(params, num):
+  def guided_eps_fn(params, num, with_variance):
+    """The sampler's eps_fn; (eps, v) if ``with_variance``. Guidance mixes
+    eps only; v is the conditional model's."""
+    make_fn = eps_fn if with_variance else mean_eps_fn
     if not conditional:
-      return eps_fn(params, None)
+      return make_fn(params, None)
     labels = jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
-    cond = eps_fn(params, labels)
-    uncond = eps_fn(params, jnp.full((num,), null_label, jnp.int32))
+    cond = make_fn(params, labels)
+    uncond = mean_eps_fn(params, jnp.full((num,), null_label, jnp.int32))
     w = cfg.guidance_scale
-    return lambda x, t: (1.0 + w) * cond(x, t) - w * uncond(x, t)
+
+    def fn(x, t):
+      out = cond(x, t)
+      eps, v = out if with_variance else (out, None)
+      guided = (1.0 + w) * eps - w * uncond(x, t)
+      return (guided, v) if with_variance else guided
+    return fn
 
   def run_sampler(name, params, key, num):
     shape = (num,) + image_shape
-    fn = guided_eps_fn(params, num)
     if name == "ddpm":
+      fn = guided_eps_fn(params, num, learned)
       x = samplers.ddpm_sample(fn, schedule, key, shape, cfg.sample_steps,
                                cfg.variance, cfg.clip_x0,
                                timestep_spacing=cfg.timestep_spacing)
     else:
+      fn = guided_eps_fn(params, num, False)
       x = samplers.ddim_sample(fn, schedule, key, shape, cfg.sample_steps,
                                cfg.ddim_eta, cfg.clip_x0,
                                timestep_spacing=cfg.timestep_spacing)

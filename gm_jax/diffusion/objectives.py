@@ -7,6 +7,11 @@ Pure functions of a schedule, data and a network given as a callable:
   x0, per ``prediction``; ``eps_fn_from_model`` turns any of them into an
 * ``eps_fn(x_t, t) -> eps``, which the bound and the samplers consume.
 
+With a learned variance (``variance`` = "learned_range", improved DDPM) the
+network has 2C output channels [prediction, v] (``split_output``) and the
+bound and the ancestral sampler take an ``eps_fn(x_t, t) -> (eps, v)``;
+v sets the variance through ``schedules.learned_range_log_variance``.
+
 x_t, eps: [B, ...] float32 with data scaled to [-1, 1]; t: [B] int32 indices
 in 0..T-1 (see ``schedules``). Every function returns per-example values [B].
 """
@@ -14,6 +19,7 @@ in 0..T-1 (see ``schedules``). Every function returns per-example values [B].
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable
 
 import jax
@@ -28,6 +34,34 @@ Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
 
 PREDICTIONS = ("eps", "x0", "v")
+LOSS_TYPES = ("simple", "hybrid", "vlb")
+# Improved DDPM's weight of L_vlb in L_hybrid = L_simple + lambda L_vlb.
+HYBRID_VLB_WEIGHT = 1e-3
+
+
+def split_output(out: Array, variance: str) -> tuple[Array, Array | None]:
+  """(prediction, v) of a network output: with "learned_range" the last
+  axis holds 2C channels [prediction (C), v (C)], else the C channels are
+  the prediction alone and v is None."""
+  if variance != "learned_range":
+    return out, None
+  if out.shape[-1] % 2:
+    raise ValueError(f"split_output: a learned variance needs 2C output"
+                     f" channels, got {out.shape[-1]}.")
+  pred, v = jnp.split(out, 2, axis=-1)
+  return pred, v
+
+
+def _eps_and_v(out, variance: str) -> tuple[Array, Array | None]:
+  """An eps_fn's output as (eps, v): a pair with "learned_range", else the
+  eps array alone and v = None."""
+  if variance == "learned_range":
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+      raise ValueError('A "learned_range" variance needs an eps_fn that'
+                       " returns (eps, v).")
+    eps, v = out
+    return eps.astype(jnp.float32), v.astype(jnp.float32)
+  return out.astype(jnp.float32), None
 
 
 def _check_prediction(prediction: str) -> None:
@@ -120,18 +154,20 @@ def vlb_term(eps_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
   """One term of the bound at x_t = q_sample(x0, t, noise), in nats: [B].
 
   t >= 1: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), both Gaussians,
-    p's variance fixed by ``variance``;
+    p's variance set by ``variance`` (``schedules.model_log_variance``);
   t = 0: -log p(x_0 | x_1), the discretized Gaussian decoder with mean
     mu(x_1, 0) and standard deviation exp(0.5 log var_0) (=sqrt(beta~_1)
-    for both variance choices), over ``num_bins`` levels.
+    for both fixed variances; learned: between sqrt(beta~_1) and
+    sqrt(beta_0)), over ``num_bins`` levels.
 
   Args:
-    eps_fn: ``eps_fn(x_t, t) -> eps`` [B, ...].
+    eps_fn: ``eps_fn(x_t, t) -> eps`` [B, ...]; with "learned_range"
+      ``eps_fn(x_t, t) -> (eps, v)``, both [B, ...].
     schedule: the noise schedule.
     x0: [B, ...] data on the grid of num_bins levels in [-1, 1].
     t: [B] int32 timesteps; entries may differ.
     noise: [B, ...] standard normal draws for x_t.
-    variance: "fixed_small" or "fixed_large".
+    variance: "fixed_small", "fixed_large" or "learned_range".
     clip_x0: clip the predicted x_0 to [-1, 1] inside the model mean.
     num_bins: levels of the data.
 
@@ -139,9 +175,9 @@ def vlb_term(eps_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
     [B] the term in nats (KL for t >= 1, decoder NLL for t = 0).
   """
   x_t = sched.q_sample(schedule, x0, t, noise)
-  eps = eps_fn(x_t, t).astype(jnp.float32)
+  eps, v = _eps_and_v(eps_fn(x_t, t), variance)
   model_mean, _ = p_mean_from_eps(schedule, x_t, t, eps, clip_x0)
-  model_log_var = sched.model_log_variance(schedule, t, x0.ndim, variance)
+  model_log_var = sched.model_log_variance(schedule, t, x0.ndim, variance, v)
   true_mean, _, true_log_var = sched.q_posterior(schedule, x0, x_t, t)
   kl = losses.sum_except_batch(
       losses.normal_kl(true_mean, true_log_var, model_mean, model_log_var))
@@ -150,6 +186,59 @@ def vlb_term(eps_fn: ModelFn, schedule: Schedule, x0: Array, t: Array,
           x0, model_mean, 0.5 * jnp.broadcast_to(model_log_var, x0.shape),
           num_bins))
   return jnp.where(t == 0, decoder_nll, kl)
+
+
+def training_terms(model_fn: ModelFn, schedule: Schedule, x0: Array,
+                   t: Array, noise: Array, prediction: str = "eps",
+                   variance: str = "fixed_small",
+                   stop_mean_gradient: bool = True,
+                   num_bins: int = losses.PIXEL_VALUES) -> dict[str, Array]:
+  """L_simple and the bound's term at one timestep, from one network call.
+
+  With x_t = q_sample(x0, t, noise) and out = model_fn(x_t, t):
+
+  * "simple_loss": ``simple_loss`` of the prediction (the first C channels
+    with a learned variance), mean over dimensions.
+  * "vlb_term_bpd": T L_t / (D ln 2), the term ``vlb_term`` (nats) in bits
+    per dimension times T; for t uniform on 0..T-1 its expectation is
+    (L_0 + ... + L_{T-1}) / (D ln 2), the bound less its constant prior
+    term L_T, in bits/dim. With ``stop_mean_gradient`` the term sees
+    stop_gradient(eps): it trains only the variance channels (improved
+    DDPM's L_hybrid); without, it trains the whole network (L_vlb).
+
+  Improved DDPM's L_hybrid = L_simple + lambda L_vlb, lambda = 0.001 and
+  L_vlb = sum_t L_t estimated as T L_t, is then simple_loss +
+  ``HYBRID_VLB_WEIGHT`` vlb_term_bpd: per example, the term in bits/dim
+  times T / 1000 (the "rescaled MSE" loss of Nichol & Dhariwal's code).
+
+  Args:
+    model_fn: the network, ``model_fn(x_t, t) -> [B, ..., C]`` or
+      ``[B, ..., 2C]`` with "learned_range" (see ``split_output``).
+    schedule: the noise schedule.
+    x0: [B, ...] data on the grid of ``num_bins`` levels in [-1, 1].
+    t: [B] int32 timesteps.
+    noise: [B, ...] standard normal draws.
+    prediction: "eps", "x0" or "v".
+    variance: "fixed_small", "fixed_large" or "learned_range".
+    stop_mean_gradient: stop the bound term's gradient into the prediction.
+    num_bins: levels of the data.
+
+  Returns:
+    {"simple_loss": [B], "vlb_term_bpd": [B]}.
+  """
+  _check_prediction(prediction)
+  x_t = sched.q_sample(schedule, x0, t, noise)
+  pred, v = split_output(model_fn(x_t, t).astype(jnp.float32), variance)
+  simple = simple_loss(lambda *_: pred, schedule, x0, t, noise, prediction)
+  eps = eps_fn_from_model(lambda *_: pred, schedule, prediction)(x_t, t)
+  if stop_mean_gradient:
+    eps = jax.lax.stop_gradient(eps)
+  out = (eps, v) if v is not None else eps
+  term = vlb_term(lambda *_: out, schedule, x0, t, noise, variance,
+                  num_bins=num_bins)
+  num_dims = math.prod(x0.shape[1:])
+  scale = schedule.num_timesteps / (num_dims * losses.LN2)
+  return {"simple_loss": simple, "vlb_term_bpd": scale * term}
 
 
 def timestep_strata(num_timesteps: int, num_eval_timesteps: int,
@@ -239,12 +328,14 @@ def variational_bound(eps_fn: ModelFn, schedule: Schedule, x0: Array,
   stratum's size, so E[estimate] = sum_t L_t exactly.
 
   Args:
-    eps_fn: ``eps_fn(x_t, t) -> eps``; called under ``lax.scan``.
+    eps_fn: ``eps_fn(x_t, t) -> eps`` (with "learned_range": -> (eps, v));
+      called under ``lax.scan``.
     schedule: the noise schedule.
     x0: [B, ...] data on the grid of ``num_bins`` levels in [-1, 1].
     key: PRNG key for the x_t draws (and the strata offsets).
     num_eval_timesteps: 0 for all timesteps, n for the stratified estimate.
-    variance: the reverse-process variance, "fixed_small" / "fixed_large".
+    variance: the reverse-process variance, "fixed_small", "fixed_large"
+      or "learned_range".
     clip_x0: clip the predicted x_0 in the model mean.
     num_bins: levels of the data (256 for 8-bit images).
     num_exact_timesteps: of the n calls, how many go to timesteps 1, 2, ...

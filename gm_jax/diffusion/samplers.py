@@ -11,8 +11,11 @@ eps then recomputed from the clipped x0_hat).
 * ``ddpm_sample``: ancestral sampling from p(x_{i-1} | x_i) = N(c1 x0_hat +
   c2 x, sigma^2) of the respaced chain with beta_i = 1 - a / a' (improved
   DDPM respacing; for S = T this is exactly DDPM's Algorithm 2); sigma^2 is
-  "fixed_small" (beta~_i = beta_i (1 - a') / (1 - a)) or "fixed_large"
-  (beta_i). No noise is added at the last step.
+  "fixed_small" (beta~_i = beta_i (1 - a') / (1 - a)), "fixed_large"
+  (beta_i) or "learned_range": exp of frac log beta_i + (1 - frac) log
+  beta~_i, frac = (v + 1) / 2, with the respaced chain's beta_i and
+  beta~_i (``respaced_tables``) and the network's v, the network still
+  seeing the original timestep tau_i. No noise is added at the last step.
 * ``ddim_sample``: x' = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) eps +
   sigma z, sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a'); eta = 0 is
   deterministic, eta = 1 is the same chain as ``ddpm_sample`` with
@@ -25,13 +28,17 @@ directly comparable. Outputs are in the data space [-1, 1] (unclipped).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gm_jax.diffusion.schedules import VARIANCES, Schedule
+from gm_jax.diffusion.schedules import (
+  VARIANCES,
+  Schedule,
+  learned_range_log_variance,
+)
 
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
@@ -79,21 +86,47 @@ def sampling_timesteps(num_timesteps: int, num_steps: Optional[int] = None,
   return steps.astype(np.int32)
 
 
-def _respaced_tables(schedule: Schedule, num_steps: Optional[int],
-                     spacing: str):
-  """abar and abar_prev along the respaced chain, each [S] float32."""
+class RespacedTables(NamedTuple):
+  """The respaced chain's tables along tau_0 < ... < tau_{S-1}, each [S]."""
+
+  timesteps: Array  # int32 tau_i, the network's timestep inputs
+  alphas_cumprod: Array  # a = abar_{tau_i}
+  alphas_cumprod_prev: Array  # a' = abar_{tau_{i-1}}, 1 for i = 0
+  betas: Array  # 1 - a / a'
+  posterior_log_variance_clipped: Array  # log beta~_i; i = 0 -> i = 1
+  log_betas: Array  # log beta_i
+
+
+def respaced_tables(schedule: Schedule, num_steps: Optional[int],
+                    spacing: str = "linspace") -> RespacedTables:
+  """The tables of the chain that visits only ``sampling_timesteps``.
+
+  With a = abar_{tau_i} and a' = abar_{tau_{i-1}}: beta_i = 1 - a / a',
+  beta~_i = beta_i (1 - a') / (1 - a), its log clipped at i = 0 to that of
+  i = 1 (beta~_0 = 0), as ``schedules.schedule_from_betas`` does for the
+  full chain; for S = T these are the schedule's own tables (up to float32
+  rounding). A single step (S = 1) keeps log beta_0 for both logs: the last
+  step adds no noise, so it is never used.
+  """
   timesteps = sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
   abar = schedule.alphas_cumprod[timesteps]
   abar_prev = jnp.concatenate([jnp.ones((1,), abar.dtype), abar[:-1]])
-  return jnp.asarray(timesteps), abar, abar_prev
+  betas = 1.0 - abar / abar_prev
+  log_betas = jnp.log(betas)
+  if timesteps.shape[0] > 1:
+    log_post = jnp.log(betas * (1.0 - abar_prev) / (1.0 - abar))
+    log_post = jnp.concatenate([log_post[1:2], log_post[1:]])
+  else:
+    log_post = log_betas
+  return RespacedTables(jnp.asarray(timesteps), abar, abar_prev, betas,
+                        log_post, log_betas)
 
 
-def _predict(eps_fn: EpsFn, x: Array, t: Array, abar: Array,
-             clip_x0: bool) -> tuple[Array, Array]:
+def _x0_from_eps(x: Array, eps: Array, abar: Array,
+                 clip_x0: bool) -> tuple[Array, Array]:
   """(x0_hat, eps) at x with scalar abar; eps is made consistent with the
   clipped x0_hat when clipping."""
-  batch_t = jnp.full(x.shape[:1], t, jnp.int32)
-  eps = eps_fn(x, batch_t).astype(jnp.float32)
+  eps = eps.astype(jnp.float32)
   x0 = (x - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
@@ -104,20 +137,22 @@ def _predict(eps_fn: EpsFn, x: Array, t: Array, abar: Array,
 def _run(step_fn, schedule: Schedule, key: Array, shape: Sequence[int],
          num_steps: Optional[int], x_T: Optional[Array],
          spacing: str) -> Array:
-  """Scans ``step_fn(x, t, abar, abar_prev, noise, is_last)`` from T down."""
-  timesteps, abar, abar_prev = _respaced_tables(schedule, num_steps, spacing)
-  keys = jax.random.split(key, timesteps.shape[0] + 1)
+  """Scans ``step_fn(x, row, noise, is_last)`` from T down; ``row`` is
+  step i's ``RespacedTables`` entry (scalars)."""
+  tables = respaced_tables(schedule, num_steps, spacing)
+  num = tables.timesteps.shape[0]
+  keys = jax.random.split(key, num + 1)
   x = (jax.random.normal(keys[0], tuple(shape), jnp.float32)
        if x_T is None else x_T.astype(jnp.float32))
 
   def body(x, inputs):
-    t, a, a_prev, step_key, is_last = inputs
+    row, step_key, is_last = inputs
     noise = jax.random.normal(step_key, x.shape, jnp.float32)
-    return step_fn(x, t, a, a_prev, noise, is_last), None
+    return step_fn(x, row, noise, is_last), None
 
-  is_last = jnp.arange(timesteps.shape[0]) == 0
+  is_last = jnp.arange(num) == 0
   # Reverse time: the last scan element is tau_0 (the final step).
-  inputs = (timesteps, abar, abar_prev, keys[1:], is_last)
+  inputs = (tables, keys[1:], is_last)
   x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[::-1], inputs))
   return x
 
@@ -130,12 +165,14 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
   """Ancestral sampling (DDPM Algorithm 2, respaced to ``num_steps``).
 
   Args:
-    eps_fn: ``eps_fn(x_t, t) -> eps``, x_t [B, ...], t [B] int32.
+    eps_fn: ``eps_fn(x_t, t) -> eps``, x_t [B, ...], t [B] int32; with
+      "learned_range" ``eps_fn(x_t, t) -> (eps, v)``, v [B, ...].
     schedule: the noise schedule (T timesteps).
     key: PRNG key.
     shape: (B, ...) of the samples.
     num_steps: S steps of the respaced chain; None for all T.
-    variance: "fixed_small" (posterior variance) or "fixed_large" (beta).
+    variance: "fixed_small" (posterior variance), "fixed_large" (beta) or
+      "learned_range" (between them, per the network's v).
     clip_x0: clip the predicted x_0 to [-1, 1] at every step.
     x_T: optional [B, ...] start; None draws N(0, I) from the key.
     timestep_spacing: the respaced steps, see ``sampling_timesteps``.
@@ -147,17 +184,25 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
     raise ValueError(f"Unknown variance {variance!r}; expected one of"
                      f" {VARIANCES}.")
 
-  def step(x, t, a, a_prev, noise, is_last):
-    x0, _ = _predict(eps_fn, x, t, a, clip_x0)
-    beta = 1.0 - a / a_prev
+  learned = variance == "learned_range"
+
+  def step(x, row, noise, is_last):
+    t, a, a_prev = row.timesteps, row.alphas_cumprod, row.alphas_cumprod_prev
+    out = eps_fn(x, jnp.full(x.shape[:1], t, jnp.int32))
+    eps, v = out if learned else (out, None)
+    x0, _ = _x0_from_eps(x, eps, a, clip_x0)
+    beta = row.betas
     coef1 = beta * jnp.sqrt(a_prev) / (1.0 - a)
     coef2 = (1.0 - a_prev) * jnp.sqrt(1.0 - beta) / (1.0 - a)
     if variance == "fixed_small":
-      var = beta * (1.0 - a_prev) / (1.0 - a)
+      std = jnp.sqrt(beta * (1.0 - a_prev) / (1.0 - a))
+    elif variance == "fixed_large":
+      std = jnp.sqrt(beta)
     else:
-      var = beta
+      std = jnp.exp(0.5 * learned_range_log_variance(
+          row.posterior_log_variance_clipped, row.log_betas, v))
     mean = coef1 * x0 + coef2 * x
-    return jnp.where(is_last, mean, mean + jnp.sqrt(var) * noise)
+    return jnp.where(is_last, mean, mean + std * noise)
 
   return _run(step, schedule, key, shape, num_steps, x_T, timestep_spacing)
 
@@ -187,8 +232,10 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, key: Array,
   if isinstance(eta, (int, float)) and eta < 0:
     raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}.")
 
-  def step(x, t, a, a_prev, noise, is_last):
-    x0, eps = _predict(eps_fn, x, t, a, clip_x0)
+  def step(x, row, noise, is_last):
+    t, a, a_prev = row.timesteps, row.alphas_cumprod, row.alphas_cumprod_prev
+    eps = eps_fn(x, jnp.full(x.shape[:1], t, jnp.int32))
+    x0, eps = _x0_from_eps(x, eps, a, clip_x0)
     sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
     direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
     return jnp.sqrt(a_prev) * x0 + direction + sigma * noise

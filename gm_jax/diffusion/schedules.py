@@ -28,7 +28,7 @@ import numpy as np
 Array = jax.Array
 
 SCHEDULES = ("linear", "cosine")
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -173,14 +173,49 @@ def q_posterior(schedule: Schedule, x0: Array, x_t: Array,
   return mean, var, log_var
 
 
+def learned_range_log_variance(min_log: Array, max_log: Array,
+                               v: Array) -> Array:
+  """Improved DDPM's learned variance: an interpolation in log space.
+
+  log sigma^2 = frac max_log + (1 - frac) min_log, frac = (v + 1) / 2, so
+  the network output v = -1 gives exp(min_log) (beta~_t) and v = +1 gives
+  exp(max_log) (beta_t); v is not clipped (values outside [-1, 1]
+  extrapolate, as in Nichol & Dhariwal's code).
+
+  Args:
+    min_log: log beta~_t (clipped at t = 0), broadcastable to v.
+    max_log: log beta_t, broadcastable to v.
+    v: the network's variance output, e.g. [B, H, W, C].
+
+  Returns:
+    log sigma^2, the broadcast shape of the three.
+  """
+  frac = (v.astype(jnp.float32) + 1.0) / 2.0
+  return frac * max_log + (1.0 - frac) * min_log
+
+
 def model_log_variance(schedule: Schedule, t: Array, ndim: int,
-                       variance: str) -> Array:
-  """log of the reverse-process variance: "fixed_small" (beta~_t, clipped at
-  t = 0) or "fixed_large" (beta_t, with beta~_1 at t = 0). [B, 1, ...]."""
+                       variance: str, v: Array | None = None) -> Array:
+  """log of the reverse-process variance sigma_t^2.
+
+  * "fixed_small": log beta~_t, clipped at t = 0 to log beta~_1. [B, 1, ...]
+  * "fixed_large": log beta_t, with log beta~_1 at t = 0 (DDPM). [B, 1, ...]
+  * "learned_range": ``learned_range_log_variance`` between log beta~_t
+    (clipped at t = 0 as above) and log beta_t, with the network's output
+    ``v`` [B, ...]. At t = 0 the upper end is log beta_0 itself (not
+    beta~_1 as for "fixed_large"), as in improved DDPM. [B, ...]
+  """
   if variance == "fixed_small":
     return extract(schedule.posterior_log_variance_clipped, t, ndim)
   if variance == "fixed_large":
     return extract(schedule.fixed_large_log_variance, t, ndim)
+  if variance == "learned_range":
+    if v is None:
+      raise ValueError('model_log_variance: "learned_range" needs the'
+                       " network's variance output v.")
+    return learned_range_log_variance(
+        extract(schedule.posterior_log_variance_clipped, t, ndim),
+        extract(jnp.log(schedule.betas), t, ndim), v)
   raise ValueError(f"Unknown variance {variance!r}; expected one of"
                    f" {VARIANCES}.")
 
