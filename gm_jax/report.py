@@ -62,6 +62,7 @@ VARIANT_CONFIGS = {
     "realnvp": "configs/realnvp_mnist.py",
     "flow_vardeq": "configs/glow_mnist.py:vardeq",
     "vdm": "configs/vdm_mnist.py",
+    "iddpm": "configs/diffusion_mnist.py:iddpm",
 }
 
 # What each family's test NLL is. A flow's figure is -log p(x + u) of

@@ -31,7 +31,7 @@ _RUNS = flags.DEFINE_string("runs", None,
 _FAMILIES = flags.DEFINE_list(
     "families", None, "Runs to compare by name: the families' default configs"
     " (vae, pixelcnn, flow, diffusion; the default is these four) or the"
-    " variants gated_pixelcnn, realnvp, flow_vardeq, vdm"
+    " variants gated_pixelcnn, realnvp, flow_vardeq, vdm, iddpm"
     " (report.VARIANT_CONFIGS).")
 _CONFIGS = flags.DEFINE_list(
     "configs", None, "Config specs to compare instead of the families'"
