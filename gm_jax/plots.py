@@ -131,7 +131,7 @@ def plot_grids(grids: Sequence, labels: Sequence[str], out: str,
   if len(grids) != len(labels) or not grids:
     raise ValueError(f"{len(grids)} grids and {len(labels)} labels: need one"
                      " label per grid and at least one grid.")
-  fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6),
+  fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids), 4.2),
                            squeeze=False)
   for ax, grid, label in zip(axes[0], grids, labels, strict=True):
     grid = np.asarray(grid)
@@ -146,5 +146,6 @@ def plot_grids(grids: Sequence, labels: Sequence[str], out: str,
     fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
+  # "tight": the long titles and the grids' edges are never cut off.
+  fig.savefig(out, dpi=100, bbox_inches="tight")
   plt.close(fig)
