@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 128  # global, over all devices and processes
   config.train.eval_batch_size = 256  # global
   config.train.eval_examples = -1  # test examples per periodic eval; -1 = all
+  # Examples of the evaluations before the last step (the curve's points):
+  # -1 = eval_examples. The last step's evaluation, the run's figure, always
+  # uses eval_examples; fewer here makes a costly evaluation's curve cheap.
+  config.train.curve_eval_examples = -1
   config.train.log_every = 100
   config.train.eval_every = 2_000
   config.train.sample_every = 2_000  # 0: no sample grids during training
@@ -214,12 +218,16 @@ def config_args(folder: Optional[str] = None) -> dict[str, tuple[str, ...]]:
   return accepted
 
 
-def evaluate_times(config: ml_collections.ConfigDict, times: int) -> None:
+def evaluate_times(config: ml_collections.ConfigDict, times: int,
+                   curve_examples: int = -1) -> None:
   """Evaluates ``times`` times per run: ``train.eval_every`` becomes a
   reference to ``train.num_steps // times``, so an override of num_steps
   keeps the count (the last evaluation is at num_steps). Needs
-  num_steps >= times; an explicit eval_every override replaces it."""
+  num_steps >= times; an explicit eval_every override replaces it. With
+  ``curve_examples`` > 0 the evaluations before the last use that many
+  examples (``train.curve_eval_examples``); the last uses eval_examples."""
   config.train.eval_every = config.train.get_ref("num_steps") // times
+  config.train.curve_eval_examples = curve_examples
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
@@ -229,6 +237,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.train.batch_size = 8
   config.train.eval_batch_size = 8
   config.train.eval_examples = 16
+  config.train.curve_eval_examples = -1
   config.train.log_every = 2
   config.train.eval_every = 4
   config.train.sample_every = 4
@@ -266,6 +275,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"train.num_steps={config.train.num_steps} must be >= 0.")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every"):
     need(config.train[key] > 0, f"train.{key}={config.train[key]} must be > 0.")
+  need(config.train.curve_eval_examples == -1
+       or config.train.curve_eval_examples >= 1,
+       f"train.curve_eval_examples={config.train.curve_eval_examples} must be"
+       " >= 1 or -1 (= train.eval_examples).")
   need(config.train.sample_every >= 0,
        f"train.sample_every={config.train.sample_every} must be >= 0 (0: off).")
   need(config.train.fid_every >= 0,

@@ -81,7 +81,9 @@ REPORT_FILES = ("report.md", "report.html", "curves.png", SAMPLES_FIGURE)
 # Keys that do not change what a run trains: a finished run whose config
 # differs from the requested one only here is reused.
 _IGNORED_KEYS = ("train.compilation_cache_dir", "train.fid_every",
-                 "train.fid_samples", "train.fid_classifier_steps")
+                 "train.fid_samples", "train.fid_classifier_steps",
+                 "train.sample_every", "train.num_samples",
+                 "train.curve_eval_examples")
 _MARKER_SUFFIX = ".compare.json"
 CURVE_METRICS = ("loss", "nll_nats", "bpd", "fid")
 
@@ -94,16 +96,19 @@ class ReportError(launch.UsageError):
 # Settings.
 
 
+# Applied to every run of the report: it draws its own sample grids after
+# training, so the runs draw none (their training is the same either way).
+REPORT_OVERRIDES = (("train.sample_every", 0),)
+
+
 def quick_overrides(config) -> list[tuple[str, Any]]:
   """The overrides of ``--quick``: a twentieth of the steps (at least 20),
   100 evaluation examples, a log line every fifth of the run, one
-  checkpoint and evaluation at its end, and no sample grids during
-  training (the report draws its own)."""
+  checkpoint and evaluation at its end (on top of ``REPORT_OVERRIDES``)."""
   steps = max(20, config.train.num_steps // 20)
   return [("train.num_steps", steps), ("train.eval_examples", 100),
           ("train.log_every", max(1, steps // 5)),
-          ("train.eval_every", steps), ("train.sample_every", 0),
-          ("ckpt.every_steps", steps),
+          ("train.eval_every", steps), ("ckpt.every_steps", steps),
           ("optim.warmup_steps", min(config.optim.warmup_steps, steps // 5))]
 
 
@@ -139,9 +144,9 @@ def load_config(spec: str, settings: Settings):
     config = config_lib.load(spec)
   except (FileNotFoundError, ValueError) as e:
     raise launch.UsageError(str(e)) from None
-  applied = []
+  applied = [(key, str(value)) for key, value in REPORT_OVERRIDES]
   if settings.quick:
-    applied = [(key, str(value)) for key, value in quick_overrides(config)]
+    applied += [(key, str(value)) for key, value in quick_overrides(config)]
   applied += list(settings.overrides)
   try:
     launch.apply_overrides(config, applied)

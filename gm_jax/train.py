@@ -526,6 +526,15 @@ class _Outputs:
   def fid_due(self, step: int) -> bool:
     return self.due(self.train.fid_every, step)
 
+  def eval_examples(self, step: int) -> int:
+    """Examples of the likelihood evaluation at ``step``: eval_examples at
+    the last step (the run's figure), curve_eval_examples before it when
+    set."""
+    curve = self.train.curve_eval_examples
+    if curve < 0 or step >= self.train.num_steps:
+      return self.train.eval_examples
+    return curve
+
   def sample_path(self, step: int, name: str = "samples") -> str:
     suffix = "" if name == "samples" else f"_{name}"
     return os.path.join(self.workdir, "samples", f"step_{step:07d}{suffix}.png")
@@ -540,7 +549,7 @@ class _Outputs:
     if self.due(self.train.eval_every, step) or not self.fid_due(step):
       results.update(evaluate_dataset(
           self.built.evaluate, params, self.eval_source,
-          self.train.eval_batch_size, self.train.eval_examples, self.eval_key,
+          self.train.eval_batch_size, self.eval_examples(step), self.eval_key,
           self.built.mesh, memory_hint=memory_hint(self.built.config.model)))
     if self.fid_due(step):
       results.update(self.sample_quality(step, params))

@@ -218,6 +218,29 @@ def test_quick_overrides_shorten_every_default_config():
       "vae_mnist_smoke_mlp_quick")
 
 
+def test_full_runs_draw_no_grids_and_reuse_runs_that_did(tmp_path):
+  """The full report's runs draw no in-training sample grids either (the
+  report draws its own); a finished run of the same config that drew them,
+  or that evaluated its curve on more examples, is reused, not refused."""
+  spec = report.DEFAULT_CONFIGS["vae"]
+  config, applied = report.load_config(spec, report.Settings())
+  assert config.train.sample_every == 0
+  assert applied == [("train.sample_every", "0")]
+  assert config.train.num_steps == config_lib.load(spec).train.num_steps
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  old = config_lib.load(spec)
+  old.unlock()
+  old.train.sample_every, old.train.curve_eval_examples = 1000, -1
+  (workdir / "config.json").write_text(old.to_json_best_effort())
+  assert report.config_differences(str(workdir), config) == []
+  old.model.latent_dim += 1
+  (workdir / "config.json").write_text(old.to_json_best_effort())
+  assert report.config_differences(str(workdir), config) == [
+      f"model.latent_dim: {old.model.latent_dim!r} ->"
+      f" {config.model.latent_dim!r}"]
+
+
 def _script(*args, **env):
   return subprocess.run([sys.executable, "scripts/compare.py", *args],
                         cwd=REPO, env={**script_env(), **env},

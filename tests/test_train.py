@@ -314,6 +314,8 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path, monkeypatch):
     (lambda c: c.train.update(fid_every=-1), "train.fid_every=-1"),
     (lambda c: c.train.update(fid_samples=1), "train.fid_samples=1"),
     (lambda c: c.train.update(sample_every=-1), "train.sample_every=-1"),
+    (lambda c: c.train.update(curve_eval_examples=0),
+     "train.curve_eval_examples=0"),
 ])
 def test_bad_config_values_are_named(tmp_path, change, message):
   config = smoke_config()
@@ -329,6 +331,32 @@ def test_cadence_of_outputs():
   outputs.train = smoke_config(num_steps=7).train
   assert [s for s in range(8) if outputs.due(3, s)] == [3, 6, 7]
   assert not any(outputs.due(0, s) for s in range(8))
+
+
+def test_curve_evaluations_on_fewer_examples(reference_run, tmp_path,
+                                            monkeypatch):
+  """train.curve_eval_examples: the evaluations before the last step use
+  that many examples, the last one eval_examples; training and the final
+  figures are those of a run that evaluated once."""
+  _, _, reference_results = reference_run
+  used = []
+  evaluate_dataset = train.evaluate_dataset
+
+  def counting(*args, **kwargs):
+    used.append(args[4])
+    return evaluate_dataset(*args, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate_dataset", counting)
+  workdir = str(tmp_path / "curve")
+  results = train.train_and_evaluate(
+      smoke_config(eval_every=2, curve_eval_examples=8), workdir)
+  evals = metrics.read_metrics(workdir, "eval")
+  assert [r["step"] for r in evals] == [2, 4, 6]
+  assert used == [8, 8, 16]
+  assert evals[0]["nll_nats"] != evals[2]["nll_nats"]
+  assert {k: v for k, v in results.items() if k not in metrics.TIMING_KEYS
+          } == {k: v for k, v in reference_results.items()
+                if k not in metrics.TIMING_KEYS}
 
 
 def test_fid_during_training(reference_run, tmp_path, monkeypatch):
