@@ -27,13 +27,21 @@ function:
   is written as one (its gradients are then matrix products too);
 * on the CPU backend, the gradient with respect to the kernel is computed as
   the matrix product of the input's patches (im2col) with the output
-  gradient whenever the layer has 32 or more output channels. XLA:CPU's own
-  kernel gradient falls off a cliff with the batch: for a 3x3 64 -> 64
+  gradient where that is faster (``cpu_matmul_kernel_grad``). XLA:CPU's own
+  kernel gradient falls off a cliff as the layer grows: for a 3x3 64 -> 64
   convolution at 28x28 it took 56 ms at batch 16, 710 ms at 32 and 914 ms at
-  64, against 68 / 96 / 205 ms as a matrix product (2 cores, 2026-11-28);
-  the input gradient and the forward convolution stay convolutions (they are
-  fast). With few output channels (1 or 8 measured) the convolution's own
-  kernel gradient is the faster one (43 ms vs 212 ms), so it stays.
+  64, against 68 / 96 / 205 ms as a matrix product (2 cores, 2026-11-28).
+  Below the cliff the convolution wins, often by 2-4x, because building the
+  patches costs more than it saves. Measured (gradient of one layer, 2
+  cores, 2026-11-29; conv / matmul ms): 3x3 32 -> 32 at 14x14 B 32: 9.5 /
+  11.7, at 28x28 B 64: 66 / 158; 3x3 64 -> 64 at 32x32 B 16: 59 / 125,
+  at 28x28 B 32: 303 / 224, at 32x32 B 32: 631 / 243; 3x3 128 -> 128 at
+  8x8 B 128: 104 / 153, at 32x32 B 16: 804 / 308; 3x3 256 -> 256 at 32x32
+  B 16: 3,374 / 952; 4x4 stride 2 32 -> 64 at 14x14 B 128: 18 / 30; 3x3
+  64 -> 2: 32 / 242. The rule that fits all of them: both channel counts
+  >= 64, at least 16,384 output positions (batch x height x width) and at
+  least 9e8 multiply-adds in the kernel gradient. The input gradient and
+  the forward convolution stay convolutions (they are fast).
 
 Accelerators keep XLA's convolutions unchanged (cuDNN's kernel gradients are
 fast); the choice is made at trace time from ``jax.default_backend()``.
@@ -140,9 +148,23 @@ class SubPixelConvTranspose(nn.Module):
     return y
 
 
-# On CPU, kernel gradients of layers with at least this many output channels
-# are computed as im2col matrix products (see the module docstring).
-CPU_MATMUL_KERNEL_GRAD_MIN_FEATURES = 32
+# Where, on CPU, a kernel gradient is computed as an im2col matrix product
+# (see the module docstring for the measurements behind these).
+CPU_MATMUL_MIN_CHANNELS = 64
+CPU_MATMUL_MIN_POSITIONS = 16_384
+CPU_MATMUL_MIN_MACS = 9e8
+
+
+def cpu_matmul_kernel_grad(positions: int, kernel_hw: Sequence[int],
+                           in_channels: int, out_channels: int) -> bool:
+  """Whether XLA:CPU computes this layer's kernel gradient faster as the
+  im2col matrix product than as its own convolution: ``positions`` output
+  positions (batch x height x width of the output) of a ``kernel_hw``
+  kernel from ``in_channels`` to ``out_channels``."""
+  macs = positions * int(np.prod(kernel_hw)) * in_channels * out_channels
+  return (min(in_channels, out_channels) >= CPU_MATMUL_MIN_CHANNELS
+          and positions >= CPU_MATMUL_MIN_POSITIONS
+          and macs >= CPU_MATMUL_MIN_MACS)
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -242,8 +264,11 @@ class Conv(nn.Module):
     else:
       mode = self.kernel_grad
       if mode == "auto":
+        out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
+            x.shape[1:3], padding, (kh, kw), strides, strict=True)]
         mode = ("matmul" if jax.default_backend() == "cpu" and
-                self.features >= CPU_MATMUL_KERNEL_GRAD_MIN_FEATURES
+                cpu_matmul_kernel_grad(x.shape[0] * out_hw[0] * out_hw[1],
+                                       (kh, kw), x.shape[-1], self.features)
                 else "conv")
       conv = (conv_matmul_kernel_grad if mode == "matmul" else _lax_conv)
       y = conv(x, kernel, strides, padding, self.precision)

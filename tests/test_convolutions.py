@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gm_jax import vae
+from gm_jax import convolutions, vae
 from gm_jax.convolutions import Conv, SubPixelConvTranspose
 
 CASES = [
@@ -131,25 +131,34 @@ def test_conv_equals_flax_conv(kernel, strides, padding, masked, kernel_grad):
 
 
 def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
-  """On CPU the kernel gradient of a layer with many output channels is a
-  matrix product in the compiled step (a dot with the patch dimension), and
-  a layer with few output channels keeps XLA's convolution."""
+  """On CPU a layer past the kernel gradient's cliff (many channels, many
+  positions) takes its kernel gradient as a matrix product in the compiled
+  step (a dot with the patch dimension); a smaller one keeps XLA's
+  convolution. Only lowered, never run."""
   if jax.default_backend() != "cpu":
     pytest.skip("the rule only applies on the CPU backend")
-  x = jnp.ones((2, 6, 6, 4))
 
-  def hlo(features):
+  def hlo(shape, features):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
     module = Conv(features, (3, 3))
-    variables = module.init(jax.random.key(0), x)
-    grad = jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2))
-    return jax.jit(grad).lower(variables).as_text()
-  # 3 x 3 taps x 4 input channels = 36-wide patches in a matrix product;
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2))
+    return jax.jit(grad).lower(variables, x).as_text()
+  # 3 x 3 taps x 64 input channels = 576-wide patches in a matrix product;
   # otherwise the forward and both gradients are convolutions.
-  many, few = hlo(32), hlo(4)
-  assert "6x6x36x" in many and "dot_general" in many
-  assert many.count("stablehlo.convolution") == 1
-  assert "6x6x36x" not in few and "dot_general" not in few
-  assert few.count("stablehlo.convolution") == 2
+  for shape, features, matmul in [
+      ((32, 32, 32, 64), 64, True),  # 32,768 positions x 9 x 64 x 64
+      ((16, 32, 32, 64), 64, False),  # 16,384 positions: 6e8 MACs
+      ((16, 32, 32, 128), 128, True),
+      ((128, 8, 8, 128), 128, False),  # 8,192 positions
+      ((64, 28, 28, 32), 32, False),  # 32 channels
+      ((64, 28, 28, 64), 2, False)]:  # 2 output channels
+    text = hlo(shape, features)
+    assert ("x576x" in text or f"x{9 * shape[-1]}x" in text) == matmul, shape
+    assert ("dot_general" in text) == matmul, shape
+    assert text.count("stablehlo.convolution") == (1 if matmul else 2), shape
+  assert convolutions.cpu_matmul_kernel_grad(25_088, (3, 3), 64, 64)
+  assert not convolutions.cpu_matmul_kernel_grad(6_272, (4, 4), 32, 64)
 
 
 def test_conv_rejects_a_bad_option_or_shape():
