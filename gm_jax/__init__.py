@@ -45,10 +45,16 @@ from gm_jax.diffusion.schedules import (  # noqa: F401  (re-exports)
   q_sample,
   schedule_from_betas,
 )
+from gm_jax.diffusion.timestep_sampling import (  # noqa: F401  (re-exports)
+  init_loss_history,
+  sample_timesteps,
+  timestep_probabilities,
+  update_loss_history,
+)
 
 # The family interface and the table of families.
 from gm_jax.families import FAMILIES, make_family  # noqa: F401
-from gm_jax.family import Family  # noqa: F401
+from gm_jax.family import Family, LossState  # noqa: F401
 
 # Normalizing flows: bijectors, architectures and the likelihood / sampler.
 from gm_jax.flows import (  # noqa: F401  (re-exports)

@@ -17,12 +17,12 @@ trainer runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,12 +43,50 @@ class NonFiniteError(FloatingPointError):
   """The loss or the gradient stopped being finite."""
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
+  """The state of a run: a pytree, replicated, saved in every checkpoint.
+
+  Attributes:
+    step: int32 scalar, the number of updates applied.
+    params: the family's parameters.
+    ema_params: their exponential moving average (for evaluation).
+    opt_state: the optax optimizer's state.
+    family_state: the state of the family's ``loss_state`` (see
+      ``gm_jax.family.LossState``), or None for a stateless objective.
+  """
+
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
+  family_state: Any = None
+
+  def replace(self, **changes) -> TrainState:
+    return dataclasses.replace(self, **changes)
+
+
+_STATE_FIELDS = ("step", "params", "ema_params", "opt_state")
+
+
+def _flatten_state(state: TrainState):
+  # family_state is a child only when set. orbax writes a None child into
+  # the checkpoint's tree metadata and then refuses to restore a tree
+  # without it, so a None field would break the checkpoints of stateless
+  # runs written before the field existed; left out, their trees (and
+  # files) stay exactly as they were.
+  names = _STATE_FIELDS + (("family_state",) if state.family_state is not None
+                           else ())
+  return ([(jax.tree_util.GetAttrKey(name), getattr(state, name))
+           for name in names], names)
+
+
+def _unflatten_state(names, children) -> TrainState:
+  return TrainState(**dict(zip(names, children, strict=True)))
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten_state,
+                                        _unflatten_state)
 
 
 # ----------------------------------------------------------------------------
@@ -107,8 +145,11 @@ def make_optimizer(optim: ml_collections.ConfigDict,
 def make_init_fn(family: Family, tx: optax.GradientTransformation):
   def init_fn(key, batch):
     params = family.init(key, batch)
+    family_state = (family.loss_state.init() if family.loss_state is not None
+                    else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=params, opt_state=tx.init(params))
+                      ema_params=params, opt_state=tx.init(params),
+                      family_state=family_state)
   return init_fn
 
 
@@ -132,21 +173,38 @@ def make_train_step(family: Family, tx: optax.GradientTransformation,
   less activation memory. gm_jax keeps this in the step rather than using
   optax.MultiSteps so that a step stays one update: schedules, EMA, logging
   and checkpoints keep counting updates.
-  """
 
-  def objective(params, batch, key, step):
-    loss, aux = family.loss(params, batch, key, step)
+  A family with a ``loss_state`` is trained on ``loss_state.loss`` with
+  ``state.family_state``; the per-example stats it returns (of every
+  micro-batch, put back in the batch's order) update the family state once,
+  inside the step.
+  """
+  stateful = family.loss_state is not None
+
+  def objective(params, family_state, batch, key, step):
+    if stateful:
+      loss, (aux, stats) = family.loss_state.loss(params, family_state, batch,
+                                                  key, step)
+    else:
+      loss, aux = family.loss(params, batch, key, step)
+      stats = None
     if l2_coefficient > 0:
       penalty = l2_penalty(params)
       aux = dict(aux, l2_penalty=penalty)
       loss = loss + l2_coefficient * penalty
-    return loss, aux
+    return loss, (aux, stats)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def gradients(params, batch, key, step):
+  def loss_and_grads(params, family_state, batch, key, step):
+    """((loss, metrics), grads) and the stats apart (never summed)."""
+    (loss, (aux, stats)), grads = grad_fn(params, family_state, batch, key,
+                                          step)
+    return ((loss, aux), grads), stats
+
+  def gradients(params, family_state, batch, key, step):
     if accumulation == 1:
-      return grad_fn(params, batch, key, step)
+      return loss_and_grads(params, family_state, batch, key, step)
     micro = jax.tree_util.tree_map(
         lambda x: jnp.swapaxes(
             x.reshape((x.shape[0] // accumulation, accumulation)
@@ -154,18 +212,26 @@ def make_train_step(family: Family, tx: optax.GradientTransformation,
 
     def body(total, inputs):
       index, micro_batch = inputs
-      out = grad_fn(params, micro_batch, jax.random.fold_in(key, index), step)
-      return jax.tree_util.tree_map(jnp.add, total, out), None
+      out, stats = loss_and_grads(params, family_state, micro_batch,
+                                  jax.random.fold_in(key, index), step)
+      return jax.tree_util.tree_map(jnp.add, total, out), stats
 
     zeros = jax.tree_util.tree_map(
-        jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(
-            lambda x: x[0], micro), key, step))
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accumulation), micro))
-    return jax.tree_util.tree_map(lambda x: x / accumulation, total)
+        jnp.zeros_like, jax.eval_shape(
+            loss_and_grads, params, family_state,
+            jax.tree_util.tree_map(lambda x: x[0], micro), key, step)[0])
+    total, stats = jax.lax.scan(body, zeros,
+                                (jnp.arange(accumulation), micro))
+    # [k, B / k, ...] -> [B, ...]: micro-batch j held rows j, j + k, ...,
+    # so this is the batch's own order.
+    stats = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), stats)
+    return jax.tree_util.tree_map(lambda x: x / accumulation, total), stats
 
   def train_step(state: TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
-    (loss, aux), grads = gradients(state.params, batch, key, state.step)
+    ((loss, aux), grads), stats = gradients(
+        state.params, state.family_state, batch, key, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The EMA's decay warms up as (1 + t) / (10 + t) so that the random
@@ -179,8 +245,12 @@ def make_train_step(family: Family, tx: optax.GradientTransformation,
     metrics.update(loss=loss, grad_norm=grad_norm,
                    learning_rate=schedule(state.step),
                    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    family_state = state.family_state
+    if stateful:
+      family_state = family.loss_state.update(family_state, stats)
     new_state = TrainState(step=state.step + 1, params=params,
-                           ema_params=ema_params, opt_state=opt_state)
+                           ema_params=ema_params, opt_state=opt_state,
+                           family_state=family_state)
     return new_state, metrics
 
   return train_step

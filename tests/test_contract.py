@@ -8,10 +8,12 @@ For every file and every ``:arg`` it documents (each alone and with
   parameter counts recorded below (so a refactoring cannot change a paper
   model unnoticed);
 * for ``smoke`` variants: the data source is offline and serves the model's
-  image shape, and ``init / loss / evaluate / sample / visualize`` return the
-  declared shapes and dtypes (checked with ``jax.eval_shape``, no
-  compilation): loss a scalar and a dict of scalars whose names ``evaluate``
-  shares; evaluate per-example [B] arrays with ``nll_nats`` and ``bpd``;
+  image shape, and ``init / loss / evaluate / sample / visualize`` (and a
+  ``loss_state``'s ``init / loss / update``) return the declared shapes and
+  dtypes (checked with ``jax.eval_shape``, no compilation): loss a scalar
+  and a dict of scalars whose names ``evaluate`` shares (a loss_state's
+  stats per example); evaluate per-example [B] arrays with ``nll_nats`` and
+  ``bpd``;
   samples [n, H, W, C] float32; visualize images [N, H, W, C] or
   [rows, cols, H, W, C] float32.
 
@@ -37,9 +39,9 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # The arguments each config documents, besides "smoke".
 CONFIG_ARGS = {
     "diffusion_cifar10.py": ("bf16", "exact", "cosine", "ddpm"),
-    "diffusion_mnist.py": ("iddpm",),
+    "diffusion_mnist.py": ("iddpm", "vlb"),
     "gated_pixelcnn_mnist.py": ("conditional", "8bit"),
-    "iddpm_cifar10.py": ("bf16", "exact"),
+    "iddpm_cifar10.py": ("bf16", "exact", "vlb"),
     "iwae_mnist.py": ("vae", "k1", "k5", "two_layer"),
     "glow_cifar10.py": ("conditional",),
     "glow_mnist.py": ("conditional", "vardeq"),
@@ -64,6 +66,7 @@ PARAM_COUNTS = {
     "diffusion_mnist.py": 280_177,
     # 145 more: conv_out's 16 * 9 + 1 for the variance channel.
     "diffusion_mnist.py:iddpm": 280_322,
+    "diffusion_mnist.py:vlb": 280_322,
     "gated_pixelcnn_mnist.py": 118_209,
     "gated_pixelcnn_mnist.py:conditional": 125_889,
     "gated_pixelcnn_mnist.py:8bit": 134_784,
@@ -83,6 +86,7 @@ PARAM_COUNTS = {
     "iddpm_cifar10.py": 49_066_246,
     "iddpm_cifar10.py:bf16": 49_066_246,
     "iddpm_cifar10.py:exact": 49_066_246,
+    "iddpm_cifar10.py:vlb": 49_066_246,
     "iwae_mnist.py": 425_284,
     "iwae_mnist.py:vae": 425_284,
     "iwae_mnist.py:k1": 425_284,
@@ -120,8 +124,10 @@ EXECUTED = ("vae_binarized_mnist.py:smoke", "glow_mnist.py:smoke")
 OFFLINE_SOURCES = ("embedded_mnist", "embedded_rgb")
 # Training metrics that are schedules, not per-example quantities, so
 # evaluate has no counterpart.
-# (neg_iwae_train_nats: the training bound's k, not evaluation's.)
-TRAIN_ONLY_METRICS = {"kl_weight", "neg_iwae_train_nats"}
+# (neg_iwae_train_nats: the training bound's k, not evaluation's;
+# importance_*: the diffusion timestep sampler's state.)
+TRAIN_ONLY_METRICS = {"kl_weight", "neg_iwae_train_nats", "importance_warm",
+                      "importance_ess"}
 BATCH = 2
 NUM_SAMPLES = 3
 
@@ -258,6 +264,23 @@ def test_smoke_config_keeps_the_family_contract(spec):
     assert value.dtype == jnp.float32
   # Training and evaluation name the same quantity alike.
   assert set(metrics) - TRAIN_ONLY_METRICS <= set(results)
+  if family.loss_state is not None:
+    # A stateful objective: arrays for a state, the same scalar and
+    # metrics as the plain loss, per-example stats, the state's structure
+    # kept by update.
+    state = jax.eval_shape(family.loss_state.init)
+    assert jax.tree.leaves(state)
+    loss, (stateful_metrics, stats) = jax.eval_shape(
+        family.loss_state.loss, params, state, batch, key, jnp.int32(0))
+    assert loss.shape == () and loss.dtype == jnp.float32
+    assert all(m.shape == () for m in stateful_metrics.values())
+    assert set(metrics) <= set(stateful_metrics)
+    assert set(stateful_metrics) - TRAIN_ONLY_METRICS <= set(results)
+    assert all(s.shape[:1] == (BATCH,) for s in jax.tree.leaves(stats))
+    updated = jax.eval_shape(family.loss_state.update, state, stats)
+    assert jax.tree.structure(updated) == jax.tree.structure(state)
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(
+        jax.tree.leaves(updated), jax.tree.leaves(state), strict=True))
   samples = jax.eval_shape(lambda p, k: family.sample(p, k, NUM_SAMPLES),
                            params, key)
   assert samples.shape == (NUM_SAMPLES,) + shape

@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 
 from gm_jax import checkpoint as checkpoint_lib
 from gm_jax import config_lib, families, metrics, train
-from gm_jax.family import Family
+from gm_jax import sharding as sharding_lib
+from gm_jax.family import Family, LossState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -612,3 +615,131 @@ def test_evaluation_reports_estimator_noise():
       np.sqrt(variances.mean()))
   assert results["bpd_estimator_stderr"] == pytest.approx(
       np.sqrt(variances.mean() / 32))
+
+
+def _stateful_regression_family():
+  """_regression_family with a LossState: the state records the labels of
+  the last batch (per-example stats, in the order update receives them),
+  sums the residuals and counts updates; its loss reads the state (the
+  residuals are scaled by 1 + updates / 10), so the state must reach it."""
+  base = _regression_family()
+
+  def loss(params, state, batch, key, step):
+    image = batch["image"].astype(jnp.float32) / 255.0
+    features = image.reshape(image.shape[0], -1)[:, :4]
+    residual = features @ params["w"][:, 0] + params["b"][0] - 1.0
+    scale = 1.0 + state["updates"].astype(jnp.float32) / 10.0
+    stats = {"label": batch["label"], "residual": residual}
+    return jnp.mean((scale * residual)**2), (
+        {"mean_residual": jnp.mean(residual)}, stats)
+
+  def update(state, stats):
+    return {"labels": stats["label"],
+            "residual_sum": state["residual_sum"] + jnp.sum(stats["residual"]),
+            "updates": state["updates"] + 1}
+
+  loss_state = LossState(
+      init=lambda: {"labels": jnp.zeros(8, jnp.int32),
+                    "residual_sum": jnp.zeros(()),
+                    "updates": jnp.zeros((), jnp.int32)},
+      loss=loss, update=update)
+  return base._replace(loss_state=loss_state)
+
+
+def test_family_state_is_updated_once_per_step_in_batch_order():
+  """A LossState's state starts from init(), reaches the loss, and is
+  updated once per step with every example's stats in the batch's order,
+  with or without gradient accumulation (whose micro-batches interleave
+  the rows); gradients, metrics and the l2 penalty are those of the
+  stateless path."""
+  family = _stateful_regression_family()
+  config = smoke_config()
+  tx, schedule = train.make_optimizer(config.optim, 100)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 2, 2, 1)), jnp.uint8),
+           "label": jnp.arange(8, dtype=jnp.int32) * 10}
+  state = train.make_init_fn(family, tx)(jax.random.PRNGKey(0), batch)
+  assert int(state.family_state["updates"]) == 0
+  stateless = train.make_init_fn(_regression_family(), tx)(
+      jax.random.PRNGKey(0), batch)
+  assert stateless.family_state is None
+  for l2 in (0.0, 0.1):
+    results = []
+    for k in (1, 2, 4):
+      step = jax.jit(train.make_train_step(family, tx, schedule, 0.9,
+                                           l2_coefficient=l2,
+                                           accumulation=k))
+      new_state, m = step(state, batch, jax.random.PRNGKey(0))
+      np.testing.assert_array_equal(new_state.family_state["labels"],
+                                    batch["label"])
+      assert int(new_state.family_state["updates"]) == 1
+      # A second step sees the updated state: its loss is scaled by 1.1.
+      _, m2 = step(new_state, batch, jax.random.PRNGKey(0))
+      assert float(m2["loss"]) > float(m["loss"])
+      results.append((new_state, m))
+    plain = jax.jit(train.make_train_step(_regression_family(), tx, schedule,
+                                          0.9, l2_coefficient=l2))
+    plain_state, plain_m = plain(stateless, batch, jax.random.PRNGKey(0))
+    for new_state, m in results:
+      np.testing.assert_allclose(new_state.params["w"], plain_state.params["w"],
+                                 rtol=1e-6)
+      np.testing.assert_allclose(m["loss"], plain_m["loss"], rtol=1e-6)
+      np.testing.assert_allclose(new_state.family_state["residual_sum"],
+                                 8 * plain_m["mean_residual"], rtol=1e-5)
+      assert ("l2_penalty" in m) == (l2 > 0)
+      if l2 > 0:
+        np.testing.assert_allclose(m["l2_penalty"], plain_m["l2_penalty"],
+                                   rtol=1e-6)
+
+
+@flax.struct.dataclass
+class _TrainStateBeforeFamilyState:
+  """TrainState as declared before it had a family_state field."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def test_stateless_checkpoints_keep_the_tree_of_earlier_versions(tmp_path):
+  """A stateless config's state (family_state None) is saved with exactly
+  the tree of the former four-field TrainState (orbax's tree metadata
+  compared entry by entry), and a checkpoint written from the former
+  structure restores into today's abstract state, for training and for
+  inference (EMA parameters alone)."""
+  config = smoke_config()
+  built = train.build(config, sharding_lib.make_mesh(jax.devices()[:1]))
+  assert built.abstract_state.family_state is None
+  rng = np.random.default_rng(0)
+  shape = (config.train.batch_size,) + tuple(config.model.image_shape)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, shape), jnp.uint8),
+           "label": jnp.zeros(shape[:1], jnp.int32)}
+  state = built.init(jax.random.PRNGKey(0), batch)
+  state, _ = built.train_step(state, batch, jax.random.PRNGKey(1))
+  state = jax.device_get(state)
+  old = _TrainStateBeforeFamilyState(step=state.step, params=state.params,
+                                     ema_params=state.ema_params,
+                                     opt_state=state.opt_state)
+  trees = {}
+  for name, tree in (("old", old), ("new", state)):
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / name))
+    checkpointer.save(1, tree, {"interval": {}})
+    checkpointer.close()
+    with open(tmp_path / name / "checkpoints" / "1" / "state" /
+              "_METADATA") as f:
+      trees[name] = json.load(f)["tree_metadata"]
+  assert trees["new"] == trees["old"]
+  assert list(trees["new"]) == list(trees["old"])  # same order too
+  assert set(checkpoint_lib.tree_paths(built.abstract_state)) == set(
+      checkpoint_lib.tree_paths(old))
+  restored = checkpoint_lib.Checkpointer(
+      str(tmp_path / "old"), read_only=True).restore_latest(
+          built.abstract_state)
+  assert isinstance(restored.state, train.TrainState)
+  assert restored.state.family_state is None
+  assert_trees_equal(jax.device_get(restored.state), state)
+  _, ema_params, step = train.restore_for_inference(
+      config, str(tmp_path / "old"), devices=jax.devices()[:1])
+  assert step == 1
+  assert_trees_equal(jax.device_get(ema_params), state.ema_params)

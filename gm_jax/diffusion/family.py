@@ -7,6 +7,15 @@
   L_simple + 0.001 L_vlb with the bound's term training only the learned
   variance; or L_vlb alone (``objectives.training_terms``; the term is
   logged as ``vlb_term_bpd``).
+* ``loss_state`` (only with ``timestep_sampler`` "importance"): the same
+  objective at importance-sampled timesteps (improved DDPM, sec. 3.3;
+  ``timestep_sampling``), which the trainer uses instead of ``loss``: t is
+  drawn with p_t proportional to the root mean square of the last
+  ``importance_history`` per-example objectives recorded at t (uniform
+  until every timestep has that many), each example weighted by
+  1 / (T p_t). Its state, the loss history, lives in the train state and
+  the checkpoints. ``loss`` itself keeps uniform timesteps (it has no
+  state).
 * ``evaluate``: the variational bound in nats and bits/dim of the 8-bit
   data, an upper bound on the NLL. ``eval_timesteps`` = 0 sums all T - 1 KL
   terms (one network call each); n > 0 uses the stratified unbiased
@@ -49,9 +58,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from gm_jax import losses, schema
-from gm_jax.diffusion import objectives, ode, samplers, schedules
+from gm_jax.diffusion import (
+  objectives,
+  ode,
+  samplers,
+  schedules,
+  timestep_sampling,
+)
 from gm_jax.diffusion.unet import UNet
-from gm_jax.family import Family
+from gm_jax.family import Family, LossState
 
 SAMPLERS = ("ddpm", "ddim")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -93,8 +108,26 @@ class DiffusionConfig(schema.ModelConfig):
         stop_gradient on the mean, so L_vlb trains only the variance (needs
         "learned_range"); "vlb": T L_t in bits/dim, an unbiased estimate
         of the bound less its constant prior term, training everything
-        (timesteps uniform; improved DDPM's importance sampling is not
-        implemented). See ``objectives.training_terms``.
+        (with uniform timesteps, or importance-sampled ones with
+        ``timestep_sampler`` "importance"). See
+        ``objectives.training_terms``.
+    timestep_sampler: how training draws t: "uniform" (the ``loss``), or
+      "importance", improved DDPM's importance sampling (needs
+      ``loss_type`` "vlb" or "hybrid"; see ``timestep_sampling``): p_t
+      proportional to sqrt(mean of the squared per-example objectives last
+      recorded at t), mixed with 0.001 of the uniform distribution,
+      uniform until every timestep has ``importance_history`` of them;
+      each example's objective is weighted by 1 / (T p_t), so the loss
+      and the logged ``simple_loss`` / ``vlb_term_bpd`` stay unbiased
+      estimates of their uniform-timestep values. The recorded objective
+      is the per-example value being trained, unweighted: T L_t in
+      bits/dim for "vlb", simple_loss + 0.001 T L_t for "hybrid" (as
+      improved-diffusion records its "loss" term). Logged:
+      ``importance_warm`` (the fraction of timesteps with a full history)
+      and ``importance_ess`` (the effective sample size per example of
+      the weights, 1 while uniform).
+    importance_history: how many recent losses per timestep the importance
+      sampler keeps (the paper's 10).
     eval_timesteps: 0 for the exact bound (all T terms), n for a stratified
       estimate with n network calls.
     eval_exact_timesteps: of those n calls, how many evaluate timesteps
@@ -136,6 +169,9 @@ class DiffusionConfig(schema.ModelConfig):
   guidance_scale: float = 1.0
   variance: str = schema.choice("fixed_small", schedules.VARIANCES)
   loss_type: str = schema.choice("simple", objectives.LOSS_TYPES)
+  timestep_sampler: str = schema.choice("uniform",
+                                        timestep_sampling.SAMPLERS)
+  importance_history: int = timestep_sampling.DEFAULT_HISTORY
   eval_timesteps: int = 0
   eval_exact_timesteps: int = 15
   eval_likelihood: str = schema.choice("bound", ("bound", "ode"))
@@ -188,6 +224,13 @@ class DiffusionConfig(schema.ModelConfig):
                    self.loss_type,
                    'needs variance "learned_range" (the hybrid\'s bound term'
                    " trains only a learned variance)")
+    schema.require(
+        self.timestep_sampler != "importance" or self.loss_type != "simple",
+        "timestep_sampler", self.timestep_sampler,
+        'needs loss_type "vlb" or "hybrid", not "simple" (it samples'
+        " the timesteps of the variational bound's terms)")
+    schema.require(self.importance_history >= 1, "importance_history",
+                   self.importance_history, "must be >= 1")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -258,11 +301,13 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     labels = jnp.zeros(x.shape[:1], jnp.int32) if conditional else None
     return net.init({"params": key}, x, t, labels)["params"]
 
-  def train_terms(params, x0, labels, key_t, key_noise, dropout_key=None):
-    """Per-example [B] training terms at uniform timesteps (one network
+  def uniform_timesteps(key, batch_size):
+    return jax.random.randint(key, (batch_size,), 0, cfg.num_timesteps)
+
+  def train_terms(params, x0, labels, t, key_noise, dropout_key=None):
+    """Per-example [B] training terms at timesteps t [B] (one network
     call): "simple_loss", plus "vlb_term_bpd" unless ``loss_type`` is
     "simple"; dropout if a key."""
-    t = jax.random.randint(key_t, x0.shape[:1], 0, cfg.num_timesteps)
     noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
     net_fn = model_fn(params, labels, dropout_key is not None, dropout_key)
     if cfg.loss_type == "simple":
@@ -272,15 +317,24 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
         net_fn, schedule, x0, t, noise, cfg.prediction, cfg.variance,
         stop_mean_gradient=cfg.loss_type == "hybrid")
 
-  def loss(params, batch, key, step):
-    del step  # No schedule over training steps.
+  def batch_terms(params, batch, key, draw_timesteps):
+    """(drawn, terms): ``drawn = draw_timesteps(key, B)``, a tuple that
+    starts with the timesteps t [B], and the training terms {name: [B]} of
+    the batch at t."""
     x0 = losses.scale_to_symmetric(batch["image"])  # [B, H, W, C]
     key_t, key_noise, key_drop, key_label = jax.random.split(key, 4)
     labels = None
     if conditional:
       drop = jax.random.bernoulli(key_label, cfg.label_dropout, x0.shape[:1])
       labels = jnp.where(drop, null_label, batch["label"].astype(jnp.int32))
-    terms = train_terms(params, x0, labels, key_t, key_noise, key_drop)
+    drawn = draw_timesteps(key_t, x0.shape[0])
+    return drawn, train_terms(params, x0, labels, drawn[0], key_noise,
+                              key_drop)
+
+  def loss(params, batch, key, step):
+    del step  # No schedule over training steps.
+    _, terms = batch_terms(params, batch, key,
+                           lambda k, n: (uniform_timesteps(k, n),))
     metrics = {name: jnp.mean(value) for name, value in terms.items()}
     if cfg.loss_type == "simple":
       value = metrics["simple_loss"]
@@ -308,8 +362,9 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
         cfg.variance, num_exact_timesteps=cfg.eval_exact_timesteps)
     # Its own stream, so the bound's draws stay those of ``key``.
     key_t, key_noise = jax.random.split(jax.random.fold_in(key, 1))
+    t = uniform_timesteps(key_t, x0.shape[0])
     return {
-        **train_terms(params, x0, labels, key_t, key_noise),
+        **train_terms(params, x0, labels, t, key_noise),
         "nll_nats": terms["nll_nats"],
         "bpd": losses.bits_per_dim(terms["nll_nats"], num_dims),
         "prior_bpd": losses.bits_per_dim(terms["prior_nats"], num_dims),
@@ -364,5 +419,36 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     return {"samplers": jnp.stack([run_sampler(name, params, key, num)
                                    for name in SAMPLERS])}
 
+  def importance_loss(params, loss_history, batch, key, step):
+    """``loss`` at importance-sampled timesteps; stats: the timesteps and
+    the unweighted per-example objectives."""
+    del step
+    probs = timestep_sampling.timestep_probabilities(loss_history)  # [T]
+    (t, weights), terms = batch_terms(  # weights [B]: 1 / (T p_t)
+        params, batch, key,
+        lambda k, n: timestep_sampling.sample_timesteps(k, probs, n))
+    if cfg.loss_type == "hybrid":
+      objective = (terms["simple_loss"] +
+                   objectives.HYBRID_VLB_WEIGHT * terms["vlb_term_bpd"])
+    else:
+      objective = terms["vlb_term_bpd"]
+    metrics = {name: jnp.mean(weights * value)
+               for name, value in terms.items()}
+    metrics.update(
+        importance_warm=timestep_sampling.warm_fraction(loss_history),
+        importance_ess=timestep_sampling.effective_sample_fraction(probs))
+    stats = {"t": t, "loss": jax.lax.stop_gradient(objective)}
+    return jnp.mean(weights * objective), (metrics, stats)
+
+  loss_state = None
+  if cfg.timestep_sampler == "importance":
+    loss_state = LossState(
+        init=lambda: timestep_sampling.init_loss_history(
+            cfg.num_timesteps, cfg.importance_history),
+        loss=importance_loss,
+        update=lambda loss_history, stats: (
+            timestep_sampling.update_loss_history(loss_history, stats["t"],
+                                                  stats["loss"])))
+
   return Family(init=init, loss=loss, evaluate=evaluate, sample=sample,
-                visualize=visualize)
+                visualize=visualize, loss_state=loss_state)
