@@ -153,12 +153,15 @@ def workdir_config(workdir: str):
     raise FileNotFoundError(
         f"{path} does not exist: is {workdir} a training workdir? Pass"
         " --config=<the config file it was trained with>.")
+  from gm_jax import config_lib, families
   with open(path) as f:
-    saved = _tuples(json.load(f))
-  # Keys added to the trainer's sections since the run was made take their
-  # defaults, so older workdirs stay readable; the model section is the
-  # family's business and is taken as saved.
-  from gm_jax import config_lib
+    saved = json.load(f)
+  if isinstance(saved.get("model"), dict):
+    saved["model"] = families.with_model_defaults(saved["model"])
+  saved = _tuples(saved)
+  # Keys added to the trainer's sections (and to the model's family, above)
+  # since the run was made take their defaults, so older workdirs stay
+  # readable.
   merged = config_lib.base_config().to_dict()
   for section, values in saved.items():
     if isinstance(values, dict) and isinstance(merged.get(section), dict) and (

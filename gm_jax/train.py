@@ -33,7 +33,7 @@ from gm_jax import checkpoint as checkpoint_lib
 from gm_jax import config_lib, input_pipeline
 from gm_jax import metrics as metrics_lib
 from gm_jax import sharding as sharding_lib
-from gm_jax.families import make_family
+from gm_jax.families import make_family, with_model_defaults
 from gm_jax.family import Family
 
 Hook = Callable[[int, "TrainState"], None]
@@ -481,11 +481,18 @@ def _setup_compilation_cache(cache_dir: str) -> None:
 
 
 def read_saved_config(workdir: str) -> Optional[dict]:
+  """A workdir's config.json as saved (None without one), its model section
+  completed with the keys its family gained since (at their defaults, which
+  keep the former behaviour), so that adding a model key does not make an
+  older run look like another model."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    saved = json.load(f)
+  if isinstance(saved.get("model"), dict):
+    saved["model"] = with_model_defaults(saved["model"])
+  return saved
 
 
 def config_differences(saved: Optional[dict], config, sections: Sequence[str]

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from gm_jax import checkpoint as checkpoint_lib
-from gm_jax import config_lib, families, metrics, train
+from gm_jax import config_lib, families, launch, metrics, train
 from gm_jax import sharding as sharding_lib
 from gm_jax.family import Family, LossState
 
@@ -409,6 +409,29 @@ def test_resuming_with_another_model_is_refused(reference_run, tmp_path):
   with pytest.raises(ValueError, match=r"different model.*latent_dim: 4 -> 5"):
     train.train_and_evaluate(config, workdir)
   assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2]
+
+
+def test_runs_from_before_a_new_model_key_resume_and_evaluate(tmp_path):
+  """A workdir whose config.json predates a model key (here: the key
+  removed from it, as an older version wrote it) is the same model at that
+  key's default: training resumes and the workdir's config loads complete;
+  a real change next to it is still refused by name."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(num_steps=2), workdir)
+  path = os.path.join(workdir, "config.json")
+  saved = json.load(open(path))
+  assert saved["model"].pop("decoder_head") == "conv"  # the default
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert launch.workdir_config(workdir).model.decoder_head == "conv"
+  config = smoke_config(num_steps=4)
+  config.unlock()
+  config.model.latent_dim = 5
+  with pytest.raises(ValueError, match=r"different model.*latent_dim: 4 -> 5"
+                     r"(?!.*decoder_head)"):
+    train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(smoke_config(num_steps=4), workdir)
+  assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2, 4]
 
 
 def test_resuming_with_another_optimizer_structure_moves_nothing(tmp_path):
