@@ -16,6 +16,7 @@ from gm_jax import config_lib, families, launch, metrics, sharding, train
 from gm_jax.diffusion import family as diffusion_family
 from gm_jax.diffusion import timestep_sampling as ts
 from tests.test_diffusion import _tiny_model_config
+from tests.test_train import assert_trees_equal
 
 # ----------------------------------------------------------------------------
 # The loss history.
@@ -289,14 +290,6 @@ def _host(tree):
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-def _assert_trees_equal(a, b):
-  leaves_a, tree_a = jax.tree_util.tree_flatten(a)
-  leaves_b, tree_b = jax.tree_util.tree_flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b, strict=True):
-    np.testing.assert_array_equal(x, y)
-
-
 def _final_state(workdir, config):
   abstract = train.build(config, sharding.make_mesh(
       jax.devices()[:1])).abstract_state
@@ -351,15 +344,15 @@ def test_trainer_carries_the_state_and_saves_it(importance_run):
       checkpoint_lib.tree_paths(abstract))
   for step in (2, 4):
     restored = checkpointer.restore(step, abstract, only="family_state")
-    _assert_trees_equal(_host(restored.state), states[step - 1])
+    assert_trees_equal(_host(restored.state), states[step - 1])
   step, state = _final_state(workdir, config)
   assert step == 6
-  _assert_trees_equal(state.family_state, states[-1])
+  assert_trees_equal(state.family_state, states[-1])
   # Evaluation and sampling restore the EMA parameters alone.
   built, ema_params, step = train.restore_for_inference(
       config, workdir, devices=jax.devices()[:1])
   assert step == 6
-  _assert_trees_equal(_host(ema_params), state.ema_params)
+  assert_trees_equal(_host(ema_params), state.ema_params)
   assert built.family.loss_state is not None
 
 
@@ -383,7 +376,7 @@ def test_preempted_run_resumes_identically(importance_run, tmp_path):
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   _, got = _final_state(workdir, config)
   _, want = _final_state(reference, config)
-  _assert_trees_equal(got, want)
+  assert_trees_equal(got, want)
   assert _train_records(workdir) == _train_records(reference)
 
 
