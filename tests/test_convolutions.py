@@ -148,7 +148,7 @@ def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
   # otherwise the forward and both gradients are convolutions.
   for shape, features, matmul in [
       ((32, 32, 32, 64), 64, True),  # 32,768 positions x 9 x 64 x 64
-      ((16, 32, 32, 64), 64, False),  # 16,384 positions: 6e8 MACs
+      ((16, 32, 32, 64), 64, False),  # 16,384 positions x 64 channels
       ((16, 32, 32, 128), 128, True),
       ((128, 8, 8, 128), 128, False),  # 8,192 positions
       ((64, 28, 28, 32), 32, False),  # 32 channels
@@ -158,6 +158,7 @@ def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
     assert ("dot_general" in text) == matmul, shape
     assert text.count("stablehlo.convolution") == (1 if matmul else 2), shape
   assert convolutions.cpu_matmul_kernel_grad(25_088, (3, 3), 64, 64)
+  assert convolutions.cpu_matmul_kernel_grad(50_176, (1, 2), 64, 128)
   assert not convolutions.cpu_matmul_kernel_grad(6_272, (4, 4), 32, 64)
 
 
