@@ -30,20 +30,23 @@ def main() -> None:
   args = parser.parse_args()
   import bench_train
   import jax
+  import numpy as np
 
   from gm_jax import config_lib, data, input_pipeline, train
 
   names = (args.configs.split(",") if args.configs else sorted(
       os.path.basename(p) for p in glob.glob("configs/*.py")
       if not p.endswith("__init__.py")))
-  print("| config | parameters | batch | init compile | train step compile |")
-  print("|---|---|---|---|---|")
+  print("| config | parameters | batch | init compile | train step compile |"
+        " first step's compile |")
+  print("|---|---|---|---|---|---|")
   for name in names:
     config = bench_train.offline(config_lib.load(f"configs/{name}"))
     built = train.build(config)
     source = data.load_source(config.data, config.data.train_split)
-    indices = input_pipeline.train_indices(
-        len(source), config.train.batch_size, config.seed, 0)
+    # The embedded images stand in for the dataset; a batch larger than
+    # them (glow_cifar10's 512 against 420 colour patches) repeats them.
+    indices = np.arange(config.train.batch_size) % len(source)
     batch = input_pipeline.global_batch(source, indices, built.mesh)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -54,7 +57,8 @@ def main() -> None:
     built.train_step.lower(state, batch, key).compile()
     step_s = time.perf_counter() - t0
     print(f"| `{name}` | {built.num_params:,} | {config.train.batch_size} |"
-          f" {init_s:.1f} s | {step_s:.1f} s |", flush=True)
+          f" {init_s:.1f} s | {step_s:.1f} s | {init_s + step_s:.1f} s |",
+          flush=True)
     jax.clear_caches()
 
 

@@ -253,22 +253,35 @@ class ChannelPermutation(Bijector):
 
   kind: str = "reverse"
   seed: int = 0
+  # The permutation as an array (e.g. traced inside ``layer_scan``), in
+  # place of the one ``kind`` and ``seed`` give.
+  permutation: Optional[Array] = None
 
-  def _permutation(self, num_channels: int) -> np.ndarray:
-    if self.kind not in PERMUTATIONS:
+  @staticmethod
+  def seeded(kind: str, seed: int, num_channels: int) -> np.ndarray:
+    """The permutation of ``kind`` and ``seed`` (int32 [C])."""
+    if kind not in PERMUTATIONS:
       raise ValueError(
-          f"ChannelPermutation kind={self.kind!r}, expected one of"
+          f"ChannelPermutation kind={kind!r}, expected one of"
           f" {PERMUTATIONS}.")
-    if self.kind == "reverse":
-      return np.arange(num_channels)[::-1].copy()
-    return np.random.RandomState(self.seed).permutation(num_channels)
+    if kind == "reverse":
+      return np.arange(num_channels, dtype=np.int32)[::-1].copy()
+    return np.random.RandomState(seed).permutation(num_channels).astype(
+        np.int32)
+
+  def _permutation(self, num_channels: int):
+    if self.permutation is not None:
+      return self.permutation
+    return self.seeded(self.kind, self.seed, num_channels)
 
   def forward_and_log_det(self, x: Array) -> Tuple[Array, Array]:
     perm = self._permutation(x.shape[-1])
     return x[..., perm], jnp.zeros((x.shape[0],), jnp.float32)
 
   def inverse_and_log_det(self, y: Array) -> Tuple[Array, Array]:
-    inverse_perm = np.argsort(self._permutation(y.shape[-1]))
+    perm = self._permutation(y.shape[-1])
+    inverse_perm = (np.argsort(perm) if isinstance(perm, np.ndarray)
+                    else jnp.argsort(perm))
     return y[..., inverse_perm], jnp.zeros((y.shape[0],), jnp.float32)
 
 
@@ -344,20 +357,46 @@ class Invertible1x1Conv(Bijector):
 
   parameterization: str = "lu"
   seed: int = 0
+  # The seeded constants as arrays (``seeded_factors``' dict, e.g. traced
+  # inside ``layer_scan``), in place of those ``seed`` gives.
+  factors: Optional[dict] = None
+
+  @staticmethod
+  def seeded_factors(parameterization: str, seed: int,
+                     num_channels: int) -> dict:
+    """The constants fixed by ``seed`` (float32 numpy arrays): "rotation",
+    the initial W; for "lu" also its factors: "p" (fixed), "sign" (fixed
+    signs of diag(U)), and the initial "lower", "upper", "log_s"."""
+    if parameterization not in CONV_PARAMETERIZATIONS:
+      raise ValueError(
+          f"Invertible1x1Conv parameterization={parameterization!r},"
+          f" expected one of {CONV_PARAMETERIZATIONS}.")
+    c = num_channels
+    rotation = _random_orthogonal(seed, c)
+    if parameterization == "plain":
+      return {"rotation": rotation.astype(np.float32)}
+    p, l0, u0 = scipy.linalg.lu(rotation)
+    lower_mask = np.tril(np.ones((c, c)), -1)
+    return {k: np.asarray(v, np.float32) for k, v in {
+        "rotation": rotation, "p": p, "sign": np.sign(np.diag(u0)),
+        "lower": l0 * lower_mask, "upper": u0 * lower_mask.T,
+        "log_s": np.log(np.abs(np.diag(u0)))}.items()}
 
   @nn.compact
   def _matrices(self, num_channels: int) -> Tuple[Array, Array, Array]:
     """Returns W [C, C], W^-1 [C, C] and log|det W| (scalar)."""
-    if self.parameterization not in CONV_PARAMETERIZATIONS:
+    c = num_channels
+    factors = self.factors
+    if factors is None:
+      factors = self.seeded_factors(self.parameterization, self.seed, c)
+    elif self.parameterization not in CONV_PARAMETERIZATIONS:
       raise ValueError(
           f"Invertible1x1Conv parameterization={self.parameterization!r},"
           f" expected one of {CONV_PARAMETERIZATIONS}.")
-    c = num_channels
-    rotation = _random_orthogonal(self.seed, c)
     eye = jnp.eye(c, dtype=jnp.float32)
     if self.parameterization == "plain":
       w = self.param("kernel", lambda key, shape: jnp.asarray(
-          rotation, jnp.float32), (c, c))
+          factors["rotation"], jnp.float32), (c, c))
       lu, pivots = jax.scipy.linalg.lu_factor(w)
       log_det = jnp.sum(jnp.log(jnp.abs(jnp.diag(lu))))
       w_inv = jax.scipy.linalg.lu_solve((lu, pivots), eye)
@@ -365,19 +404,17 @@ class Invertible1x1Conv(Bijector):
 
     # Static factors of the initial rotation: P and the signs of diag(U)
     # stay fixed (they are discrete), the rest is learned.
-    p, l0, u0 = scipy.linalg.lu(rotation)
-    sign = np.sign(np.diag(u0))
-    lower_mask = np.tril(np.ones((c, c)), -1)
+    lower_mask = np.tril(np.ones((c, c), np.float32), -1)
     upper_mask = lower_mask.T
     lower = self.param("lower", lambda key, shape: jnp.asarray(
-        l0 * lower_mask, jnp.float32), (c, c))
+        factors["lower"], jnp.float32), (c, c))
     upper = self.param("upper", lambda key, shape: jnp.asarray(
-        u0 * upper_mask, jnp.float32), (c, c))
+        factors["upper"], jnp.float32), (c, c))
     log_s = self.param("log_s", lambda key, shape: jnp.asarray(
-        np.log(np.abs(np.diag(u0))), jnp.float32), (c,))
+        factors["log_s"], jnp.float32), (c,))
     l_mat = lower * lower_mask + eye
-    u_mat = upper * upper_mask + jnp.diag(sign * jnp.exp(log_s))
-    p = jnp.asarray(p, jnp.float32)
+    u_mat = upper * upper_mask + jnp.diag(factors["sign"] * jnp.exp(log_s))
+    p = jnp.asarray(factors["p"], jnp.float32)
     w = p @ l_mat @ u_mat
     # W^-1 = U^-1 L^-1 P^T, two triangular solves.
     l_inv = jax.scipy.linalg.solve_triangular(
@@ -471,25 +508,61 @@ class ConvNet(nn.Module):
   num_res_blocks: int = 0
   conditioner: str = "plain"
   actnorm_data_init: bool = True
+  # The residual blocks as one ``nn.scan`` (parameters stacked under
+  # "res_blocks"): the same function, compiled once instead of
+  # num_res_blocks times.
+  scan_res_blocks: bool = False
 
   def _hidden(self, h: Array, kernel_size: Tuple[int, int]) -> Array:
     """One hidden conv (before its ReLU), normalised as ``conditioner``
     says."""
-    if self.conditioner == "plain":
-      return Conv(self.width, kernel_size)(h)
-    h = Conv(self.width, kernel_size, use_bias=False)(h)
-    return ActNorm(data_init=self.actnorm_data_init)(h)[0]
+    return _hidden_conv(h, self.width, kernel_size, self.conditioner,
+                        self.actnorm_data_init)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     h = self._hidden(x, (3, 3))
     if self.num_res_blocks == 0:
       h = self._hidden(nn.relu(h), (1, 1))
-    for _ in range(self.num_res_blocks):
-      r = self._hidden(nn.relu(h), (3, 3))
-      r = self._hidden(nn.relu(r), (3, 3))
-      h = h + r
+    if self.scan_res_blocks and self.num_res_blocks > 0:
+      blocks = nn.scan(_ResBlock, variable_axes={"params": 0},
+                       split_rngs={"params": True},
+                       length=self.num_res_blocks)
+      h, _ = blocks(self.width, self.conditioner, self.actnorm_data_init,
+                    name="res_blocks")(h, None)
+    else:
+      for _ in range(self.num_res_blocks):
+        r = self._hidden(nn.relu(h), (3, 3))
+        r = self._hidden(nn.relu(r), (3, 3))
+        h = h + r
     return zero_output_layer(self.conditioner, self.out_channels)(nn.relu(h))
+
+
+def _hidden_conv(h: Array, width: int, kernel_size: Tuple[int, int],
+                 conditioner: str, actnorm_data_init: bool) -> Array:
+  """``ConvNet``'s hidden conv (before its ReLU), normalised as
+  ``conditioner`` says; call it from a compact method."""
+  if conditioner == "plain":
+    return Conv(width, kernel_size)(h)
+  h = Conv(width, kernel_size, use_bias=False)(h)
+  return ActNorm(data_init=actnorm_data_init)(h)[0]
+
+
+class _ResBlock(nn.Module):
+  """One residual block of ``ConvNet``, h + conv(ReLU(conv(ReLU(h)))), as
+  the body of a scan: (h, None) -> (h, None)."""
+
+  width: int
+  conditioner: str
+  actnorm_data_init: bool
+
+  @nn.compact
+  def __call__(self, h: Array, _) -> Tuple[Array, None]:
+    r = _hidden_conv(nn.relu(h), self.width, (3, 3), self.conditioner,
+                     self.actnorm_data_init)
+    r = _hidden_conv(nn.relu(r), self.width, (3, 3), self.conditioner,
+                     self.actnorm_data_init)
+    return h + r, None
 
 
 def checkerboard_mask(height: int, width: int, parity: int) -> np.ndarray:
@@ -536,6 +609,8 @@ class Coupling(Bijector):
     width, num_res_blocks, conditioner, actnorm_data_init: the conditioner,
       see ``ConvNet``.
     spline_bins, spline_bound: the spline's K bins on [-bound, bound].
+    scan_res_blocks: the conditioner's residual blocks as one scan (see
+      ``ConvNet``).
   """
 
   kind: str = "affine"
@@ -548,6 +623,7 @@ class Coupling(Bijector):
   actnorm_data_init: bool = True
   spline_bins: int = 8
   spline_bound: float = 3.0
+  scan_res_blocks: bool = False
 
   def _params_per_element(self) -> int:
     if self.kind == "affine":
@@ -566,6 +642,7 @@ class Coupling(Bijector):
     per_element = self._params_per_element()
     h = ConvNet(per_element * num_out, self.width, self.num_res_blocks,
                 self.conditioner, self.actnorm_data_init,
+                scan_res_blocks=self.scan_res_blocks,
                 name="conditioner")(kept)
     tanh_scale = None
     if self.kind == "affine" and self.scale_fn == "tanh":

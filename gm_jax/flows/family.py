@@ -117,6 +117,12 @@ class FlowConfig(schema.ModelConfig):
     logit_alpha: the logit transform's margin, in [0, 0.5).
     sample_temperature: standard deviation of z for ``sample``.
     visualize_temperatures: temperatures of the grids ``visualize`` returns.
+    scan_layers: run repeated layers as one ``flax.linen.scan`` each, with
+      their parameters stacked on a leading axis: each Glow level's K steps
+      (``architectures.GlowSteps``) and each conditioner's residual blocks.
+      The same function, compiled once per level instead of K times, but
+      another parameter tree: a checkpoint of the unrolled model does not
+      load into the scanned one, nor the other way round. False unrolls.
   """
 
   architecture: str = schema.choice("glow", ARCHITECTURES)
@@ -146,6 +152,7 @@ class FlowConfig(schema.ModelConfig):
   logit_alpha: float = 0.05
   sample_temperature: float = 0.7
   visualize_temperatures: tuple[float, ...] = (0.0, 0.5, 0.7, 1.0)
+  scan_layers: bool = False
 
   def validate(self):
     for key in ("num_levels", "steps_per_level", "width",
@@ -230,7 +237,7 @@ def build_flow(cfg: FlowConfig, uniform: bool = False) -> Chain:
       learned_split_prior=cfg.learned_split_prior,
       actnorm_data_init=cfg.actnorm_data_init, conditioner=cfg.conditioner,
       learned_top_prior=cfg.learned_top_prior, num_classes=cfg.num_classes,
-      classifier=cfg.class_loss_weight > 0)
+      classifier=cfg.class_loss_weight > 0, scan=cfg.scan_layers)
   if cfg.architecture == "glow":
     body = build_glow(permutation=cfg.permutation, **common)
   else:
