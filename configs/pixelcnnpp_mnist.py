@@ -4,8 +4,11 @@ The PixelCNN++ architecture (Salimans et al., 2017) at a small scale: 32
 filters, 1 gated ResNet block per stage (572,847 parameters), a 5-component
 discretized logistic mixture over the 256 grey levels; the test metric is the
 exact NLL of the 8-bit digits in bits/dim (and nats). Meant for an
-accelerator: on 2 CPU cores a step of 32 images takes seconds, and sampling
-runs the whole U-Net once per pixel (784 times).
+accelerator: on 2 CPU cores a step of 32 images takes seconds. Sampling is
+cached (model.fast_sampling): each of the 784 steps computes only the
+U-Net's newly computable rows and pixels, about one pass over the image in
+all (16 samples in 0.4-0.6 s on 2 shared CPU cores, against 138 s with a
+full pass per pixel).
 
   python scripts/train.py --config=configs/pixelcnnpp_mnist.py \
       --workdir=/tmp/pixelcnnpp_mnist

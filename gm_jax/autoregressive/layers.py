@@ -24,7 +24,7 @@ run time beyond one element-wise product with the kernel.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -173,7 +173,8 @@ class MaskedConv(nn.Module):
 
 class Position(NamedTuple):
   """One pixel of a height x width image, for cached sampling: row and col
-  may be traced integers; height and width are static."""
+  may be traced integers; height and width are static. The shifted
+  convolutions also take col=None: the whole row ``row``."""
 
   row: Array
   col: Array
@@ -222,12 +223,79 @@ class DownShiftedConv(nn.Module):
     return (kw - 1) // 2, (kw - 1) // 2
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Optional[Array], position: Optional[Position] = None,
+               activation: Optional[Callable[[Array], Array]] = None,
+               whole_input: bool = False, read: bool = True
+               ) -> Optional[Array]:
+    """[B, H, W, Cin] -> [B, H / s, W / s, features] (s the stride).
+
+    ``activation`` (optional) is applied to the input before the zero
+    padding; it must map 0 to 0 (e.g. ``concat_elu``), so that applying it
+    after the padding, as the cached path does, gives the same numbers.
+
+    With ``position`` (cached sampling), one step of a raster scan over the
+    input's resolution, ``position.height`` x ``position.width``:
+
+    * ``position.col`` is None (whole rows, for the down-shifted stream):
+      x is row ``position.row`` of the input, [B, 1, W, Cin]; the result is
+      row ``position.row // s`` of the output, [B, 1, W / s, features].
+    * otherwise (single pixels): x is the input at (row, col), [B, 1, 1,
+      Cin]; the result is the output at (row // s, col // s), [B, 1, 1,
+      features].
+
+    x is first written into this layer's "cache" collection (the zero-padded
+    input, [B, kh - 1 + H, pad + W, Cin], before ``activation``), and the
+    output's window is read from there: it equals the full convolution's
+    output as soon as every input position of its window has been written.
+    A strided layer's input usually arrives at steps where no output is
+    due: ``read=False`` only writes x (and returns None), x=None only
+    reads. With ``whole_input``, x is instead the whole input (e.g. the
+    canvas) and ``position`` the output position wanted (stride 1): nothing
+    is cached.
+    """
     kh, kw = self.kernel_size
-    x = jnp.pad(x, ((0, 0), (kh - 1, 0), self._column_padding(), (0, 0)))
-    return weight_normed(Conv, self.weight_norm, self.features, (kh, kw),
+    left, right = self._column_padding()
+    padding = ((0, 0), (kh - 1, 0), (left, right), (0, 0))
+    conv = weight_normed(Conv, self.weight_norm, self.features, (kh, kw),
                          strides=self.strides, padding="VALID",
-                         kernel_init=self.kernel_init)(x)
+                         kernel_init=self.kernel_init)
+    if activation is None:
+      activation = _identity
+    if position is None:
+      return conv(jnp.pad(activation(x), padding))
+    s, rows_only = self.strides, position.col is None
+    if whole_input:
+      padded = jnp.pad(x, padding)
+    elif x is None:
+      if not self.has_variable("cache", "inputs"):
+        raise ValueError(f"{self.name}: read from an empty cache.")
+      padded = self.get_variable("cache", "inputs")
+    else:
+      cache = self.variable(
+          "cache", "inputs", jnp.zeros,
+          (x.shape[0], kh - 1 + position.height,
+           left + position.width + right, x.shape[-1]), x.dtype)
+      cache.value = jax.lax.dynamic_update_slice(
+          cache.value, x.astype(cache.value.dtype),
+          (0, position.row + kh - 1, left + (0 if rows_only else position.col),
+           0))
+      padded = cache.value
+    if not read:
+      return None
+    batch, channels = padded.shape[0], padded.shape[-1]
+    # Output row r' reads padded rows s r'..s r' + kh - 1 (likewise columns).
+    top = (position.row // s) * s
+    if rows_only:
+      window = jax.lax.dynamic_slice_in_dim(padded, top, kh, axis=1)
+    else:
+      window = jax.lax.dynamic_slice(
+          padded, (0, top, (position.col // s) * s, 0),
+          (batch, kh, kw, channels))
+    return conv(activation(window))
+
+
+def _identity(x: Array) -> Array:
+  return x
 
 
 class DownRightShiftedConv(DownShiftedConv):
@@ -289,10 +357,32 @@ class DownShiftedConvTranspose(nn.Module):
     return (self.kernel_size[1] - 1) // 2
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return _ShiftedConvTranspose(self.features, self.kernel_size,
-                                 self._left(), self.strides,
-                                 weight_norm=self.weight_norm)(x)
+  def __call__(self, x: Array, position: Optional[Position] = None
+               ) -> Array:
+    """[B, H, W, Cin] -> [B, s H, s W, features].
+
+    With ``position`` (cached sampling; a position of the *output*): output
+    row R reads input row R // s only, so with ``position.col`` None, x is
+    input row ``position.row // s`` and the result output row
+    ``position.row``, [B, 1, s W, features]. With a column (the
+    down-right-shifted kernel only, whose output (R, C) reads input
+    (R // s, C // s) alone), x is that input pixel and the result the output
+    pixel, [B, 1, 1, features]. No cache is needed.
+    """
+    y = _ShiftedConvTranspose(self.features, self.kernel_size,
+                              self._left(), self.strides,
+                              weight_norm=self.weight_norm)(x)
+    if position is None:
+      return y
+    s = self.strides
+    if position.col is None:
+      return jax.lax.dynamic_slice_in_dim(y, position.row % s, 1, axis=1)
+    if self._left() or x.shape[1:3] != (1, 1):
+      raise ValueError("DownShiftedConvTranspose: single-pixel steps need the"
+                       " down-right kernel and a [B, 1, 1, C] input pixel.")
+    return jax.lax.dynamic_slice(
+        y, (0, position.row % s, position.col % s, 0),
+        (y.shape[0], 1, 1, y.shape[-1]))
 
 
 def weight_normed(layer_cls, init_scale: Optional[float], *args,
