@@ -71,8 +71,8 @@ def get_config(arg=None):
   config.model.preprocess = "shift"
   config.model.sample_temperature = 0.7
   # Each level's 32 steps as one scan with stacked parameters: the same
-  # model; its train step compiles in about a minute instead of ten on 2
-  # CPU cores (benchmarks/README.md). Runs started unrolled (before this
+  # model; init and train step compile in 33.5 s instead of 264 s on 2 CPU
+  # cores (benchmarks/README.md). Runs started unrolled (before this
   # key) resume with --config.model.scan_layers=False.
   config.model.scan_layers = True
   if "conditional" in args:
