@@ -26,6 +26,13 @@ prepare it).
 
   python scripts/train.py --config=configs/glow_cifar10.py --workdir=/tmp/glow_cifar10
 
+Compilation: with --config.model.scan_layers=True each level's 32 steps
+run as one scan with stacked parameters (the same model, another parameter
+tree): init and train step compile in 33.5 s instead of 264 s on 2 CPU
+cores, but a scanned Glow trained 3.6x slower on CPU at glow_mnist scale
+(benchmarks/README.md; not measured on a GPU), so the config stays
+unrolled.
+
 Target: 3.35 bits/dim on the CIFAR-10 test set (Table 2).
 measured:
 
@@ -70,11 +77,6 @@ def get_config(arg=None):
   config.model.num_bits = 8
   config.model.preprocess = "shift"
   config.model.sample_temperature = 0.7
-  # Each level's 32 steps as one scan with stacked parameters: the same
-  # model; init and train step compile in 33.5 s instead of 264 s on 2 CPU
-  # cores (benchmarks/README.md). Runs started unrolled (before this
-  # key) resume with --config.model.scan_layers=False.
-  config.model.scan_layers = True
   if "conditional" in args:
     config.model.coupling = "additive"
     config.model.num_bits = 5
