@@ -18,6 +18,17 @@ from gm_jax import config_lib, losses, schema
 from gm_jax.autoregressive import layers as ar_layers
 
 
+def apply_with_cache(net, params, cache, canvas, label, position, **kwargs):
+  """One cached sampling call of ``net`` at ``position``: (outputs, the
+  updated "cache" collection); ``cache`` None creates it."""
+  variables = {"params": params}
+  if cache is not None:
+    variables["cache"] = cache
+  out, variables = net.apply(variables, canvas, label, position=position,
+                             mutable=["cache"], **kwargs)
+  return out, variables["cache"]
+
+
 def model_config(**overrides):
   config = ar.default_model_config()
   config.update(dict(width=6, num_layers=2, kernel_size=3,
@@ -191,14 +202,10 @@ def test_cached_outputs_equal_the_full_pass(architecture, likelihood, shape):
   steps_per_pixel = channels if likelihood == "categorical" else 1
 
   def step(cache, canvas, row, col, **stack):
-    variables = {"params": params}
-    if cache is not None:
-      variables["cache"] = cache
-    out, variables = net.apply(
-        variables, canvas, None,
-        position=ar_layers.Position(row, col, height, width),
-        mutable=["cache"], **stack)
-    return out[:, 0, 0], variables["cache"]
+    out, cache = apply_with_cache(
+        net, params, cache, canvas, None,
+        ar_layers.Position(row, col, height, width), **stack)
+    return out[:, 0, 0], cache
 
   cache = step(None, x, 0, 0, stack="vertical")[1] if gated else None
   cache = jax.tree.map(jnp.zeros_like, step(cache, x, 0, 0)[1])

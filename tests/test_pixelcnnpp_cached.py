@@ -17,6 +17,7 @@ from gm_jax import autoregressive as ar
 from gm_jax import schema
 from gm_jax.autoregressive import layers as ar_layers
 from gm_jax.autoregressive import networks
+from tests.test_pixelcnn import apply_with_cache
 
 STAGES = networks.PIXELCNNPP_STAGES
 
@@ -67,14 +68,9 @@ def cached_step_fn(net, params, label, shape, channel_head):
   height, width, _ = shape
 
   def run(cache, canvas, row, col, stack, stage):
-    variables = {"params": params}
-    if cache is not None:
-      variables["cache"] = cache
-    out, variables = net.apply(
-        variables, canvas, label,
-        position=ar_layers.Position(row, col, height, width),
-        stack=stack, stage=stage, mutable=["cache"])
-    return out, variables["cache"]
+    return apply_with_cache(net, params, cache, canvas, label,
+                            ar_layers.Position(row, col, height, width),
+                            stack=stack, stage=stage)
 
   def step(cache, canvas, row, col, channel):
     out, cache = networks.pixelcnnpp_cached_step(
