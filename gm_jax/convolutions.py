@@ -191,28 +191,70 @@ def _patches(x, kernel_shape, strides, padding, out_hw):
       for i in range(kh) for j in range(kw)], axis=-1)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def conv_matmul_kernel_grad(x, kernel, strides, padding, precision=None):
-  """``lax.conv_general_dilated`` (NHWC, HWIO) whose derivative in the
-  kernel is the im2col matrix product (forward and reverse mode)."""
+def _conv_specs(x, kernel, strides, padding, precision, specs):
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=specs,
+      precision=precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def cpu_conv(x, kernel, strides, padding, precision=None,
+             kernel_tangent="conv"):
+  """``lax.conv_general_dilated`` (NHWC, HWIO) whose reverse-mode
+  derivatives XLA:CPU runs on its fast path wherever the layer is, loops
+  included; ``kernel_tangent`` "matmul" takes the kernel gradient as the
+  im2col matrix product, "conv" as a convolution.
+
+  Why the derivative is written out: JAX transposes a convolution into
+  convolutions with permuted dimension numbers (the input gradient with the
+  kernel's I and O swapped, the kernel gradient with batch and feature
+  swapped). XLA:CPU's ``convolution-canonicalization`` pass rewrites those
+  into its fast NHWC / HWIO form with explicit transposes, but it only
+  visits the entry computation: inside a while loop (``lax.scan``: scanned
+  layers, gradient accumulation) they stay on the naive loop emitter, which
+  was 3.6x slower for a whole Glow step. Here the tangents are
+  convolutions laid out so that their transposes are already canonical:
+  the input tangent reads the kernel as [kh, kw, O, I] ("HWOI"), so its
+  transpose reads [kh, kw, O, I] as HWIO of the reversed kernel; the kernel
+  tangent computes on the input as [C, H, W, N] and writes [Ho, Wo, N, C],
+  so its transpose is a convolution of the input (batch = C, features = N)
+  with the output gradient (window Ho x Wo, I = N, O = C) into
+  [Cin, kh, kw, Cout], what the canonicalisation pass would have built.
+  Forward mode gets the same tangents (correct, computed off the fast path
+  inside loops; nothing here uses forward mode in a loop).
+  """
+  del kernel_tangent
   return _lax_conv(x, kernel, strides, padding, precision)
 
 
-@functools.partial(conv_matmul_kernel_grad.defjvp, symbolic_zeros=True)
-def _conv_jvp(strides, padding, precision, primals, tangents):
+@functools.partial(cpu_conv.defjvp, symbolic_zeros=True)
+def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
+                  tangents):
   x, kernel = primals
   dx, dkernel = tangents
   y = _lax_conv(x, kernel, strides, padding, precision)
   dy = jnp.zeros_like(y)
   if not isinstance(dx, SymbolicZero):
-    dy = dy + _lax_conv(dx, kernel, strides, padding, precision)
+    dy = dy + _conv_specs(dx, kernel.transpose(0, 1, 3, 2), strides,
+                          padding, precision, ("NHWC", "HWOI", "NHWC"))
   if not isinstance(dkernel, SymbolicZero):
     kh, kw, cin, cout = kernel.shape
-    patches = _patches(x, (kh, kw), strides, padding, y.shape[1:3])
-    # Linear in dkernel; reverse mode transposes it into patches^T @ dy.
-    dy = dy + jnp.dot(patches, dkernel.reshape(kh * kw * cin, cout),
-                      precision=precision)
+    if kernel_tangent == "matmul":
+      patches = _patches(x, (kh, kw), strides, padding, y.shape[1:3])
+      # Linear in dkernel; reverse mode transposes it into patches^T @ dy.
+      dy = dy + jnp.dot(patches, dkernel.reshape(kh * kw * cin, cout),
+                        precision=precision)
+    else:
+      dy = dy + _conv_specs(
+          x.transpose(3, 1, 2, 0), dkernel.transpose(2, 0, 1, 3), strides,
+          padding, precision, ("CHWN", "IHWO", "HWNC")).transpose(2, 0, 1, 3)
   return y, dy
+
+
+def conv_matmul_kernel_grad(x, kernel, strides, padding, precision=None):
+  """``lax.conv_general_dilated`` (NHWC, HWIO) whose derivative in the
+  kernel is the im2col matrix product (forward and reverse mode)."""
+  return cpu_conv(x, kernel, strides, padding, precision, "matmul")
 
 
 class Conv(nn.Module):
@@ -241,9 +283,9 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"Conv expects NHWC input, got shape {x.shape}.")
-    if self.kernel_grad not in ("auto", "matmul", "conv"):
-      raise ValueError("kernel_grad must be 'auto', 'matmul' or 'conv', got "
-                       f"{self.kernel_grad!r}.")
+    if self.kernel_grad not in ("auto", "matmul", "conv", "xla"):
+      raise ValueError("kernel_grad must be 'auto', 'matmul', 'conv' or "
+                       f"'xla', got {self.kernel_grad!r}.")
     kh, kw = self.kernel_size
     strides = self.strides if self.strides is not None else 1
     strides = ((int(strides),) * 2 if isinstance(strides, int)
@@ -273,8 +315,11 @@ class Conv(nn.Module):
                 cpu_matmul_kernel_grad(x.shape[0] * out_hw[0] * out_hw[1],
                                        (kh, kw), x.shape[-1], self.features)
                 else "conv")
-      conv = (conv_matmul_kernel_grad if mode == "matmul" else _lax_conv)
-      y = conv(x, kernel, strides, padding, self.precision)
+      if mode == "xla" or (mode == "conv"
+                           and jax.default_backend() != "cpu"):
+        y = _lax_conv(x, kernel, strides, padding, self.precision)
+      else:
+        y = cpu_conv(x, kernel, strides, padding, self.precision, mode)
     if bias is not None:
       y = y + bias
     return y

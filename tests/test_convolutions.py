@@ -3,6 +3,8 @@ sub-pixel transposed convolutions equal nn.ConvTranspose, and Conv (matrix
 products for 1x1 kernels and, on CPU, for the kernel gradient) equals nn.Conv
 in values, gradients and forward-mode derivatives."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,7 +100,7 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel_grad", ["matmul", "conv", "auto"])
+@pytest.mark.parametrize("kernel_grad", ["matmul", "conv", "auto", "xla"])
 @pytest.mark.parametrize("kernel,strides,padding,masked", CONV_CASES)
 def test_conv_equals_flax_conv(kernel, strides, padding, masked, kernel_grad):
   """Same parameters and initial values as nn.Conv; outputs, reverse-mode
@@ -160,6 +162,56 @@ def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
   assert convolutions.cpu_matmul_kernel_grad(25_088, (3, 3), 64, 64)
   assert convolutions.cpu_matmul_kernel_grad(50_176, (1, 2), 64, 128)
   assert not convolutions.cpu_matmul_kernel_grad(6_272, (4, 4), 32, 64)
+
+
+@pytest.mark.parametrize("kernel_grad", ["conv", "matmul"])
+def test_conv_gradients_inside_a_loop_compile_to_canonical_convolutions(
+    kernel_grad):
+  """XLA:CPU rewrites convolutions into its fast NHWC / HWIO form only in
+  the entry computation. The gradient of layers applied inside a
+  ``lax.scan`` (scanned layers, gradient accumulation) must therefore
+  already be canonical: every convolution of the compiled gradient has
+  dim_labels b01f_01io->b01f. JAX's own derivative (``kernel_grad="xla"``)
+  leaves permuted ones in the loop body, which shows the check can fail.
+  The gradients of both are equal."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the canonical form concerns the CPU backend")
+  # 3 x 64 channels at 16 x 16, batch 4: the cases of the flows' conditioners
+  # (few output channels, zero-padded 3x3) and a strided layer.
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+
+  class Body(nn.Module):
+    kernel_grad: str
+
+    @nn.compact
+    def __call__(self, h, _):
+      y = Conv(8, (3, 3), kernel_grad=self.kernel_grad)(h)
+      y = Conv(3, (3, 3), kernel_grad=self.kernel_grad)(jnp.tanh(y))
+      z = Conv(4, (3, 3), strides=2, padding="VALID",
+               kernel_grad=self.kernel_grad)(y)
+      return h + y, jnp.sum(z ** 2)
+
+  def loss_and_text(mode):
+    model = nn.scan(Body, variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=3)(mode)
+    variables = model.init(jax.random.key(1), x, None)
+
+    def loss(v, x):
+      h, z = model.apply(v, x, None)
+      return jnp.sum(jnp.sin(h)) + jnp.sum(z)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.lower(variables, x).compile().as_text()
+    return grad(variables, x), text
+
+  def labels(text):
+    return set(re.findall(r"dim_labels=(\S+?),", text))
+  grads, text = loss_and_text(kernel_grad)
+  assert labels(text) == {"b01f_01io->b01f"}, labels(text)
+  grads_xla, text_xla = loss_and_text("xla")
+  assert labels(text_xla) - {"b01f_01io->b01f"}, labels(text_xla)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-4),
+               grads, grads_xla)
 
 
 def test_conv_rejects_a_bad_option_or_shape():
