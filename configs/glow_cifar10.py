@@ -26,12 +26,13 @@ prepare it).
 
   python scripts/train.py --config=configs/glow_cifar10.py --workdir=/tmp/glow_cifar10
 
-Compilation: with --config.model.scan_layers=True each level's 32 steps
-run as one scan with stacked parameters (the same model, another parameter
-tree): init and train step compile in 33.5 s instead of 264 s on 2 CPU
-cores, but a scanned Glow trained 3.6x slower on CPU at glow_mnist scale
-(benchmarks/README.md; not measured on a GPU), so the config stays
-unrolled.
+Compilation: model.scan_layers runs each level's 32 steps as one scan
+with stacked parameters (the same model, another parameter tree): init
+and train step compile in 31.4 s instead of 264 s on 2 CPU cores, and the
+scanned step trains at the unrolled one's speed on CPU (benchmarks/
+README.md, 2026-11-29; no GPU measured). A run started before 2026-11-29
+(unrolled) resumes with --config.model.scan_layers=False; the trainer
+refuses the mismatch.
 
 Target: 3.35 bits/dim on the CIFAR-10 test set (Table 2).
 measured:
@@ -75,6 +76,7 @@ def get_config(arg=None):
   config.model.learned_split_prior = True
   config.model.learned_top_prior = True
   config.model.num_bits = 8
+  config.model.scan_layers = True
   config.model.preprocess = "shift"
   config.model.sample_temperature = 0.7
   if "conditional" in args:

@@ -57,3 +57,21 @@ def test_gpu_check_all_paper_configs():
   assert ("diffusion_cifar10.py", "bfloat16") in dtypes
   assert len([r for r in rows if "images_s" in r]) == 9
   assert any(r.get("name", "").startswith("DDIM-") for r in rows)
+
+
+def test_compile_times_overrides_a_field_and_names_a_misspelt_one():
+  """``--set section.key=value`` changes the config it times (the literal
+  converted to the field's type); a field that does not exist stops with
+  one line naming it."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import compile_times
+  from gm_jax import config_lib
+  config = config_lib.load(str(REPO / "configs/glow_cifar10.py"))
+  config = compile_times.override(config, "model.scan_layers=False")
+  assert config.model.scan_layers is False
+  config = compile_times.override(config, "train.batch_size=64")
+  assert config.train.batch_size == 64
+  with pytest.raises(SystemExit, match="no field 'model.scan_layer'"):
+    compile_times.override(config, "model.scan_layer=True")
+  with pytest.raises(SystemExit, match="section.key=value"):
+    compile_times.override(config, "scan_layers")
