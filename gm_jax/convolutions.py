@@ -43,7 +43,13 @@ function:
   channel counts >= 64, at least 16,384 output positions (batch x height x
   width) and positions x the smaller channel count >= 1.5e6, whatever the
   kernel size. The input gradient and
-  the forward convolution stay convolutions (they are fast).
+  the forward convolution stay convolutions (they are fast);
+* on the CPU backend, the derivative is written out (``cpu_conv``) so that
+  every gradient convolution is already in XLA:CPU's canonical NHWC / HWIO
+  form. XLA canonicalises JAX's permuted gradient convolutions itself, but
+  only in the entry computation; inside a loop (``lax.scan``: scanned
+  layers, gradient accumulation) they ran on its naive emitter, 3-5x
+  slower for a whole Glow step.
 
 Accelerators keep XLA's convolutions unchanged (cuDNN's kernel gradients are
 fast); the choice is made at trace time from ``jax.default_backend()``.
@@ -264,7 +270,8 @@ class Conv(nn.Module):
 
   Attributes beyond ``nn.Conv``'s usual ones: ``mask`` multiplies the kernel
   (as in ``nn.Conv``); ``kernel_grad`` is "auto" (backend rule), "matmul" or
-  "conv" (force one formulation; for tests and measurements).
+  "conv" (force one formulation), or "xla" (``lax.conv_general_dilated``
+  with JAX's own derivative: the reference, for tests and measurements).
   """
 
   features: int

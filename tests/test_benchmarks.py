@@ -59,12 +59,14 @@ def test_gpu_check_all_paper_configs():
   assert any(r.get("name", "").startswith("DDIM-") for r in rows)
 
 
-def test_compile_times_overrides_a_field_and_names_a_misspelt_one():
+def test_compile_times_overrides_a_field_and_names_a_misspelt_one(
+    monkeypatch):
   """``--set section.key=value`` changes the config it times (the literal
   converted to the field's type); a field that does not exist stops with
   one line naming it."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
   import compile_times
+
   from gm_jax import config_lib
   config = config_lib.load(str(REPO / "configs/glow_cifar10.py"))
   config = compile_times.override(config, "model.scan_layers=False")
