@@ -77,3 +77,24 @@ def test_compile_times_overrides_a_field_and_names_a_misspelt_one(
     compile_times.override(config, "model.scan_layer=True")
   with pytest.raises(SystemExit, match="section.key=value"):
     compile_times.override(config, "scan_layers")
+
+
+def test_bench_train_flags_flops_of_a_step_with_loops(monkeypatch):
+  """XLA's cost analysis counts a while loop's body once: with gradient
+  accumulation (a scan over micro-batches) the step's FLOPs are a lower
+  bound and the result says so; without loops they are exact, and
+  accumulating k micro-batches reports about 1/k of them."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import bench_train
+
+  from gm_jax import config_lib
+  results = {}
+  for accumulation in (1, 2):
+    config = config_lib.load(str(REPO / "configs/pixelcnn_mnist.py:smoke"))
+    config.unlock()
+    config.train.batch_size = 16
+    config.optim.grad_accumulation = accumulation
+    r = bench_train.measure(config, steps=1, eval_batches=0)
+    results[accumulation] = (r["flops_per_step"], r["flops_exact"])
+  assert results[1][1] and not results[2][1]
+  assert 0.3 < results[2][0] / results[1][0] < 0.7, results
