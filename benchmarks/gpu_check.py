@@ -12,7 +12,9 @@ Prints, as a table and then as one JSON line per measurement:
   option (diffusion; the others say "no bfloat16 option");
 * the DDPM CIFAR-10 U-Net's FLOPs per step (XLA cost analysis) and MFU
   against the device's dense peak (``--peak_tflops`` or the built-in table);
-* DDIM-50 for 64 CIFAR-shaped images and 64 PixelCNN MNIST samples.
+* DDIM-50 for 64 CIFAR-shaped images and 64 PixelCNN MNIST samples;
+* last, the configs that scan their layers (``model.scan_layers``) again
+  unrolled, so that one run compares the two layouts' step times.
 
 Data are the embedded images (MNIST digits, 32x32 colour patches), so the
 machine needs no network; the figures time the jitted computation. A
@@ -94,7 +96,28 @@ def main() -> None:
     rows.append(row)
     print(json.dumps(row), flush=True)
 
+  def train_row(name: str, dtype: str, r: dict) -> dict:
+    row = dict(what="train", config=name, dtype=dtype,
+               params=r["num_params"], batch=r["batch"],
+               first_step_s=round(r["first_step_s"], 2),
+               step_ms=round(1e3 * r["step_s"], 2),
+               images_s=round(r["train_images_s"], 1))
+    if r["flops_per_step"]:
+      achieved = r["flops_per_step"] / r["step_s"] / 1e12
+      row["tflops_achieved"] = round(achieved, 3)
+      # XLA counts a loop body once (scanned layers, accumulation): then
+      # the figures are lower bounds, and MFU is left out.
+      row["flops_lower_bound"] = not r["flops_exact"]
+      peak = _peak(device.device_kind, dtype.split()[0], args.peak_tflops)
+      if peak and r["flops_exact"]:
+        row["mfu_percent"] = round(100 * achieved / peak, 1)
+    return row
+
   suffix = ":smoke" if args.smoke else ""
+  # Configs that scan their layers are measured unrolled too, last (their
+  # unrolled compile is the long one): the layouts' step times on the
+  # accelerator decide whether scanning costs anything there.
+  unrolled = []
   for name in args.configs.split(","):
     variants = [("float32", "")]
     if name.startswith("diffusion"):
@@ -110,21 +133,10 @@ def main() -> None:
       config = bench_train.offline(config_lib.load(spec))
       r = bench_train.measure(config, args.steps if not args.smoke else 2,
                               eval_batches=0)
-      row = dict(what="train", config=name, dtype=dtype,
-                 params=r["num_params"], batch=r["batch"],
-                 first_step_s=round(r["first_step_s"], 2),
-                 step_ms=round(1e3 * r["step_s"], 2),
-                 images_s=round(r["train_images_s"], 1))
-      if r["flops_per_step"]:
-        achieved = r["flops_per_step"] / r["step_s"] / 1e12
-        row["tflops_achieved"] = round(achieved, 3)
-        # XLA counts a loop body once (scanned layers, accumulation): then
-        # the figures are lower bounds, and MFU is left out.
-        row["flops_lower_bound"] = not r["flops_exact"]
-        peak = _peak(device.device_kind, dtype, args.peak_tflops)
-        if peak and r["flops_exact"]:
-          row["mfu_percent"] = round(100 * achieved / peak, 1)
+      row = train_row(name, dtype, r)
       emit(row)
+      if dtype == "float32" and config.model.get("scan_layers", False):
+        unrolled.append((name, spec))
       if dtype == "float32" and name in ("diffusion_cifar10.py",
                                          "pixelcnn_mnist.py"):
         kept[name.split("_")[0]] = (r["built"], r["state"])
@@ -156,6 +168,19 @@ def main() -> None:
     emit(dict(what="sample", name=what, first_call_s=round(first, 2),
               seconds=round(time.perf_counter() - t0, 3),
               shape=list(np.shape(out))))
+
+  for name, spec in unrolled:
+    what = f"{name} float32 unrolled"
+    if over_budget(what):
+      continue
+    config = bench_train.offline(config_lib.load(spec))
+    config.unlock()
+    config.model.scan_layers = False
+    config.lock()
+    r = bench_train.measure(config, args.steps if not args.smoke else 2,
+                            eval_batches=0)
+    emit(train_row(name, "float32 unrolled", r))
+    del r
 
   print("\n| measurement | figures |\n|---|---|")
   for row in rows:

@@ -42,6 +42,16 @@ def test_gpu_check_times_training_and_sampling():
   assert "| measurement | figures |" in out
 
 
+def test_gpu_check_measures_a_scanned_config_unrolled_too():
+  """A config with model.scan_layers gets a second, unrolled row (same
+  parameter count), after the others."""
+  rows = [r for r in _json_lines(_gpu_check("--configs=realnvp_cifar10.py"))
+          if r["what"] == "train"]
+  assert [r["dtype"] for r in rows] == ["float32", "float32 unrolled"]
+  assert rows[0]["params"] == rows[1]["params"] > 0
+  assert all(r["images_s"] > 0 for r in rows)
+
+
 def test_gpu_check_budget_skips_and_says_so():
   out = _gpu_check("--configs=vae_binarized_mnist.py,pixelcnn_mnist.py",
                    "--budget_s=0")
@@ -55,7 +65,9 @@ def test_gpu_check_all_paper_configs():
   rows = _json_lines(_gpu_check())
   dtypes = {(r["config"], r["dtype"]) for r in rows if r["what"] == "train"}
   assert ("diffusion_cifar10.py", "bfloat16") in dtypes
-  assert len([r for r in rows if "images_s" in r]) == 9
+  # 9 configs, diffusion also in bfloat16, and the two scanned flows again
+  # unrolled.
+  assert len([r for r in rows if "images_s" in r]) == 11
   assert any(r.get("name", "").startswith("DDIM-") for r in rows)
 
 
