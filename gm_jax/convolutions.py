@@ -257,12 +257,6 @@ def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
   return y, dy
 
 
-def conv_matmul_kernel_grad(x, kernel, strides, padding, precision=None):
-  """``lax.conv_general_dilated`` (NHWC, HWIO) whose derivative in the
-  kernel is the im2col matrix product (forward and reverse mode)."""
-  return cpu_conv(x, kernel, strides, padding, precision, "matmul")
-
-
 class Conv(nn.Module):
   """``nn.Conv`` for NHWC images, computed the way each backend runs best
   (see the module docstring). Same parameters ("kernel" [kh, kw, Cin,

@@ -222,10 +222,9 @@ class GlowSteps(bj.Bijector):
 
   def _scan(self, x: Array, labels: Optional[Array], inverse: bool
             ) -> Tuple[Array, Array]:
-    constants = jax.tree.map(
-        lambda *leaves: np.stack(leaves),
-        *[glow_step_constants(self.first + k, self.permutation, x.shape[-1])
-          for k in range(self.num_steps)])
+    constants = _stack(
+        [glow_step_constants(self.first + k, self.permutation, x.shape[-1])
+         for k in range(self.num_steps)], np.stack)
     steps = nn.scan(_GlowStepOf, variable_axes={"params": 0},
                     split_rngs={"params": True}, in_axes=(0, nn.broadcast),
                     length=self.num_steps, reverse=inverse)
@@ -367,8 +366,10 @@ def build_realnvp(image_shape: Shape, num_levels: int, steps_per_level: int,
       top_prior=_top_prior(learned_top_prior, num_classes, classifier))
 
 
-def _stack(trees: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+def _stack(trees: Sequence[Any], stack=jnp.stack) -> Any:
+  """Trees of equal structure -> one tree, leaves stacked on a new axis 0
+  (``np.stack`` keeps host constants as numpy)."""
+  return jax.tree.map(lambda *leaves: stack(leaves), *trees)
 
 
 def _scanned_conditioner(unrolled: dict, num_res_blocks: int,

@@ -253,8 +253,9 @@ class ChannelPermutation(Bijector):
 
   kind: str = "reverse"
   seed: int = 0
-  # The permutation as an array (e.g. traced inside ``layer_scan``), in
-  # place of the one ``kind`` and ``seed`` give.
+  # The permutation as an array (e.g. traced inside
+  # ``architectures.GlowSteps``' scan), in place of the one ``kind`` and
+  # ``seed`` give.
   permutation: Optional[Array] = None
 
   @staticmethod
@@ -358,7 +359,8 @@ class Invertible1x1Conv(Bijector):
   parameterization: str = "lu"
   seed: int = 0
   # The seeded constants as arrays (``seeded_factors``' dict, e.g. traced
-  # inside ``layer_scan``), in place of those ``seed`` gives.
+  # inside ``architectures.GlowSteps``' scan), in place of those ``seed``
+  # gives.
   factors: Optional[dict] = None
 
   @staticmethod
