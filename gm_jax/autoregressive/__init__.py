@@ -30,6 +30,8 @@ from gm_jax.autoregressive.networks import (
   GatedPixelCNN,
   PixelCNN,
   PixelCNNPlusPlus,
+  pixelcnnpp_scanned_params,
+  pixelcnnpp_unrolled_params,
 )
 
 __all__ = [
@@ -38,5 +40,6 @@ __all__ = [
     "DownShiftedConvTranspose", "GatedPixelCNN", "MaskedConv", "PixelCNN",
     "PixelCNNConfig", "PixelCNNPlusPlus", "build_network", "causal_mask",
     "channel_groups", "concat_elu", "default_model_config", "down_shift",
-    "make", "rbg_key", "receptive_rows", "right_shift",
+    "make", "pixelcnnpp_scanned_params", "pixelcnnpp_unrolled_params",
+    "rbg_key", "receptive_rows", "right_shift",
 ]

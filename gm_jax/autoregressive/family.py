@@ -36,6 +36,7 @@ from gm_jax.autoregressive.networks import (
   PixelCNN,
   PixelCNNPlusPlus,
   pixelcnnpp_cached_step,
+  pixelcnnpp_unrolled_params,
 )
 from gm_jax.family import Family
 
@@ -75,6 +76,11 @@ class PixelCNNConfig(schema.ModelConfig):
       on batch["label"] and samples cycle through the labels 0..n-1.
     fast_sampling: cached sampling (all three architectures), about one
       pixel of every layer per step; exact: the same samples as full passes.
+    scan_layers: (pixelcnnpp) each stage's gated resnet blocks as one
+      ``flax.linen.scan`` with stacked parameters: the same function and
+      parameter count, compiled once per stage instead of once per block.
+      Sampling maps the parameters to the unrolled layout
+      (``pixelcnnpp_unrolled_params``) and runs the unrolled network.
   """
 
   architecture: str = schema.choice("pixelcnn", ARCHITECTURES)
@@ -91,6 +97,7 @@ class PixelCNNConfig(schema.ModelConfig):
   num_mixtures: int = 10
   num_classes: int = 0
   fast_sampling: bool = True
+  scan_layers: bool = False
 
   def validate(self):
     schema.require_binarization(self.binarize, self.likelihood)
@@ -108,6 +115,9 @@ class PixelCNNConfig(schema.ModelConfig):
                    "must be in [0, 1)")
     schema.require(not self.weight_norm or self.architecture == "pixelcnnpp",
                    "weight_norm", self.weight_norm,
+                   "is implemented for architecture 'pixelcnnpp' only")
+    schema.require(not self.scan_layers or self.architecture == "pixelcnnpp",
+                   "scan_layers", self.scan_layers,
                    "is implemented for architecture 'pixelcnnpp' only")
     schema.require(self.num_classes >= 0, "num_classes", self.num_classes,
                    "must be >= 0")
@@ -143,8 +153,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   return schema.default_config(PixelCNNConfig, family="pixelcnn")
 
 
-def build_network(spec: PixelCNNConfig) -> nn.Module:
-  """The Flax module for ``spec.architecture``."""
+def build_network(spec: PixelCNNConfig, scan: Optional[bool] = None
+                  ) -> nn.Module:
+  """The Flax module for ``spec.architecture``; ``scan`` overrides
+  ``spec.scan_layers``."""
   common = dict(num_outputs=spec.num_outputs, num_groups=spec.num_groups,
                 width=spec.width, num_classes=spec.num_classes)
   if spec.architecture == "pixelcnn":
@@ -156,8 +168,10 @@ def build_network(spec: PixelCNNConfig) -> nn.Module:
                          kernel_size=spec.kernel_size,
                          first_kernel_size=spec.first_kernel_size,
                          num_output_filters=spec.num_output_filters, **common)
-  return PixelCNNPlusPlus(num_resnet=spec.num_resnet, dropout=spec.dropout,
-                          weight_norm=spec.weight_norm, **common)
+  return PixelCNNPlusPlus(
+      num_resnet=spec.num_resnet, dropout=spec.dropout,
+      weight_norm=spec.weight_norm,
+      scan_blocks=spec.scan_layers if scan is None else scan, **common)
 
 
 def rbg_key(key: Array) -> Array:
@@ -254,9 +268,15 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
     nll = -log_prob(params, batch, key, train=False)
     return {"nll_nats": nll, "bpd": losses.bits_per_dim(nll, num_dims)}
 
+  # Sampling runs the unrolled network: the cached sampler addresses each
+  # block's caches by name.
+  sample_net = build_network(spec, scan=False)
+
   def sample(params, key, num):
     label = (jnp.arange(num, dtype=jnp.int32) % spec.num_classes
              if conditional else None)
+    if spec.scan_layers:
+      params = pixelcnnpp_unrolled_params(params, spec.num_resnet)
 
     def outputs_at(canvas, cache, row, col, ch=0):
       """The network's outputs for pixel (row, col), [num, G * K], and the
@@ -271,9 +291,9 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
           variables = {"params": params}
           if cache is not None:
             variables["cache"] = cache
-          out, variables = net.apply(variables, canvas, label, train=False,
-                                     position=position, mutable=["cache"],
-                                     **stack)
+          out, variables = sample_net.apply(
+              variables, canvas, label, train=False, position=position,
+              mutable=["cache"], **stack)
           return out, variables["cache"]
         if spec.architecture == "pixelcnnpp":
           # Stage by stage, each coarse one when due; the later channels
@@ -293,7 +313,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
                                  lambda c: c, cache)
         out, cache = run(cache)
         return out[:, 0, 0], cache
-      out = net.apply({"params": params}, canvas, label, train=False)
+      out = sample_net.apply({"params": params}, canvas, label, train=False)
       return out[:, row, col], cache
 
     canvas = jnp.zeros((num, height, width, channels), jnp.float32)

@@ -18,7 +18,7 @@ them into Bernoulli logits, 256-way logits or mixture parameters.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -274,6 +274,27 @@ class GatedResnet(nn.Module):
     return x + a * jax.nn.sigmoid(b)
 
 
+class _GatedResnetStep(nn.Module):
+  """One ``GatedResnet`` as the body of a stage's ``nn.scan``: (x, skip,
+  label) -> (y, y), or (y, None) without ``emit``. Its parameters sit under
+  "block", stacked over the stage's blocks by the scan."""
+
+  shift: str
+  dropout: float
+  num_classes: int
+  weight_norm: bool
+  train: bool
+  emit: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, skip: Optional[Array], label: Optional[Array]
+               ) -> Tuple[Array, Optional[Array]]:
+    y = GatedResnet(self.shift, self.dropout, self.num_classes,
+                    self.weight_norm, name="block")(x, skip, label,
+                                                    self.train)
+    return y, (y if self.emit else None)
+
+
 PIXELCNNPP_STACKS = ("u", "ul", "head")
 PIXELCNNPP_STAGES = ("up0", "up1", "quarter", "down1", "down0")
 
@@ -311,6 +332,12 @@ class PixelCNNPlusPlus(nn.Module):
     weight_norm: every shifted convolution, transposed convolution and
       1x1 ("nin") layer weight-normalised with data-dependent
       initialisation (``convolutions.WeightNormed``), as in the paper.
+    scan_blocks: each stage's blocks of each stream as one ``nn.scan``,
+      their parameters stacked (under "up{k}_u", "up{k}_ul", "down{k}_u",
+      "down{k}_ul", level k = 0 the finest). The same function as the
+      unrolled network (tested), compiled once per stage instead of once per
+      block. Cached sampling needs the unrolled layout:
+      ``pixelcnnpp_unrolled_params`` maps the parameters there.
   """
 
   num_outputs: int
@@ -320,6 +347,7 @@ class PixelCNNPlusPlus(nn.Module):
   num_groups: int = 1
   num_classes: int = 0
   weight_norm: bool = False
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, label: Optional[Array] = None,
@@ -365,10 +393,13 @@ class PixelCNNPlusPlus(nn.Module):
     first_u = layers.DownShiftedConv(nf, (2, 3), weight_norm=wn)
     first_ul_above = layers.DownShiftedConv(nf, (1, 3), weight_norm=wn)
     first_ul_left = layers.DownRightShiftedConv(nf, (2, 1), weight_norm=wn)
+    # Scanned, the blocks are made by the stages' scans instead (the other
+    # modules keep their names: Flax numbers each class on its own).
+    blocks_per_stage = 0 if self.scan_blocks else self.num_resnet
     up_blocks, down_samplers = [], []
     for level in range(3):
       up_blocks.append([(block("down"), block("down_right"))
-                        for _ in range(self.num_resnet)])
+                        for _ in range(blocks_per_stage)])
       if level < 2:
         down_samplers.append((
             layers.DownShiftedConv(nf, (2, 3), 2, weight_norm=wn),
@@ -377,7 +408,8 @@ class PixelCNNPlusPlus(nn.Module):
     for stage_index in range(3):
       down_blocks.append([
           (block("down"), block("down_right"))
-          for _ in range(self.num_resnet + (stage_index > 0))])
+          for _ in range(blocks_per_stage and
+                         blocks_per_stage + (stage_index > 0))])
       if stage_index < 2:
         up_samplers.append((
             layers.DownShiftedConvTranspose(nf, weight_norm=wn),
@@ -402,7 +434,13 @@ class PixelCNNPlusPlus(nn.Module):
                            down_samplers, down_blocks[::-1],
                            up_samplers[::-1], outputs)
     if position is not None:
+      if self.scan_blocks:
+        raise ValueError(
+            "PixelCNNPlusPlus: cached sampling runs the unrolled network"
+            " (scan_blocks=False) on pixelcnnpp_unrolled_params(params).")
       return self._cached(x, label, position, stack, stage, modules)
+    if self.scan_blocks:
+      return self._scanned(x, label, train, modules)
 
     x_pad = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
     u_list = [layers.down_shift(first_u(x_pad))]
@@ -428,6 +466,55 @@ class PixelCNNPlusPlus(nn.Module):
         ul = modules.up_samplers[level - 1][1](ul)
     assert not u_list and not ul_list, "unbalanced U-Net shortcuts"
     return outputs(jax.nn.elu(ul), x)  # features: pixels < i only.
+
+  def _scanned(self, x: Array, label: Optional[Array], train: bool,
+               m: _UNetModules) -> Array:
+    """The full pass with every stage's blocks scanned (``scan_blocks``).
+
+    Within a stage the u stream never reads ul, so each stage runs u's
+    blocks as one scan, then ul's, which read u's outputs as their skip
+    inputs: the same values as the unrolled pass, which alternates them.
+    Each level's up-pass values (the entry and every block's output) are
+    stacked, and the down pass scans over them in reverse.
+    """
+    def stage(name, shift, length, emit=True):
+      return nn.scan(
+          _GatedResnetStep, variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast), length=length)(
+              shift, self.dropout, self.num_classes, self.weight_norm, train,
+              emit, name=name)
+
+    def stacked(entry, outputs):
+      return jnp.concatenate([entry[None], outputs])
+
+    n = self.num_resnet
+    x_pad = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
+    u = layers.down_shift(m.first_u(x_pad))
+    ul = (layers.down_shift(m.first_ul_above(x_pad)) +
+          layers.right_shift(m.first_ul_left(x_pad)))
+    up_values = []  # per level: (u's, ul's), [n + 1, B, h, w, nf] each
+    for level in range(3):
+      u_entry, ul_entry = u, ul
+      u, u_out = stage(f"up{level}_u", "down", n)(u, None, label)
+      ul, ul_out = stage(f"up{level}_ul", "down_right", n)(ul, u_out, label)
+      up_values.append((stacked(u_entry, u_out), stacked(ul_entry, ul_out)))
+      if level < 2:
+        u = m.down_samplers[level][0](u)
+        ul = m.down_samplers[level][1](ul)
+    for level in (2, 1, 0):
+      u_skips, ul_skips = up_values[level]
+      if level == 2:  # Its last up value is the down pass's input itself.
+        u_skips, ul_skips = u_skips[:-1], ul_skips[:-1]
+      length = u_skips.shape[0]
+      u, u_out = stage(f"down{level}_u", "down", length)(
+          u, u_skips[::-1], label)
+      ul, _ = stage(f"down{level}_ul", "down_right", length, emit=False)(
+          ul, jnp.concatenate([u_out, ul_skips[::-1]], axis=-1), label)
+      if level > 0:
+        u = m.up_samplers[level - 1][0](u)
+        ul = m.up_samplers[level - 1][1](ul)
+    return m.outputs(jax.nn.elu(ul), x)
 
   def _cached(self, x, label, position, stack, stage, m) -> Optional[Array]:
     """One stage of one stream of a cached step (see ``__call__``); ``m``
@@ -627,3 +714,43 @@ def pixelcnnpp_cached_step(run: Callable, cache: Optional[dict], row: Array,
     return jax.lax.cond(channel == 0, ul_pixel,
                         lambda c: run(c, "head", None), cache)
   return ul_pixel(cache)
+
+
+def _pixelcnnpp_stage_blocks(num_resnet: int):
+  """(scanned stage name, stream index) for the unrolled network's blocks in
+  creation order: block k is "GatedResnet_{2 j + stream}" for the j-th
+  (u, ul) pair, up levels 0..2, then down levels 2..0."""
+  pairs = [(f"up{level}", i) for level in range(3) for i in range(num_resnet)]
+  pairs += [(f"down{level}", i) for level in (2, 1, 0)
+            for i in range(num_resnet + (level < 2))]
+  return pairs
+
+
+def pixelcnnpp_unrolled_params(params: dict, num_resnet: int) -> dict:
+  """Parameters of a ``PixelCNNPlusPlus`` built with ``scan_blocks=True``,
+  laid out as the same network built unrolled (the same function: tested);
+  e.g. for the cached sampler, which runs the unrolled network."""
+  stages = {f"{stage}_{suffix}" for stage, _ in
+            _pixelcnnpp_stage_blocks(num_resnet) for suffix in ("u", "ul")}
+  out = {k: v for k, v in params.items() if k not in stages}
+  for j, (stage, i) in enumerate(_pixelcnnpp_stage_blocks(num_resnet)):
+    for stream, suffix in ((0, "u"), (1, "ul")):
+      out[f"GatedResnet_{2 * j + stream}"] = jax.tree.map(
+          lambda leaf, i=i: leaf[i], params[f"{stage}_{suffix}"]["block"])
+  return out
+
+
+def pixelcnnpp_scanned_params(params: dict, num_resnet: int) -> dict:
+  """The inverse of ``pixelcnnpp_unrolled_params``: an unrolled network's
+  parameters (e.g. an unrolled run's checkpoint) laid out for
+  ``scan_blocks=True``. Optimizer state maps the same way."""
+  out = {k: v for k, v in params.items() if not k.startswith("GatedResnet_")}
+  blocks: dict = {}
+  for j, (stage, _) in enumerate(_pixelcnnpp_stage_blocks(num_resnet)):
+    for stream, suffix in ((0, "u"), (1, "ul")):
+      blocks.setdefault(f"{stage}_{suffix}", []).append(
+          params[f"GatedResnet_{2 * j + stream}"])
+  for name, trees in blocks.items():
+    out[name] = {"block": jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                       *trees)}
+  return out
