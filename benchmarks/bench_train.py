@@ -64,7 +64,9 @@ def measure(config, steps: int = 20, eval_batches: int = 2) -> dict:
                                            step)
     return input_pipeline.global_batch(source, indices, built.mesh)
 
-  state = built.init(jax.random.PRNGKey(0), batch_at(0))
+  state = built.init(jax.random.PRNGKey(0), input_pipeline.init_batch(
+      source, input_pipeline.train_indices(len(source), bs, config.seed, 0),
+      config.train.init_batch_size, built.mesh))
   key = jax.random.PRNGKey(1)
   batches = [batch_at(i) for i in range(4)]
 

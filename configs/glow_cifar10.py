@@ -19,7 +19,8 @@ Optimisation as openai/glow's defaults run on its 8 workers: global batch
 Adamax at 1e-3 with beta2 = 1 - 1 / 98 (98 steps per epoch), a linear
 warm-up over 10 epochs, no clipping; evaluation and samples use the raw
 parameters (the Polyak average is kept, with the same decay, but, as in
-the published runs, not evaluated). The paper gives no training length:
+the published runs, not evaluated). The actnorm's data-dependent init sees
+256 images (openai/glow's n_batch_init). The paper gives no training length:
 125,000 steps is 1,280 epochs (the examples of 1,000,000 steps of 64).
 Needs GPUs and the tfds download of cifar10 (with TensorFlow installed to
 prepare it).
@@ -98,6 +99,9 @@ def get_config(arg=None):
 
   config.train.num_steps = 125_000
   config.train.batch_size = BATCH
+  # openai/glow's data-dependent init batch (n_batch_init = 256, rank 0's
+  # init broadcast to the workers), not the whole global batch of 512.
+  config.train.init_batch_size = 256
   config.train.eval_batch_size = 500
   config.train.eval_params = "params"
   config.train.log_every = 100

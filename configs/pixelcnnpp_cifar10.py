@@ -8,8 +8,8 @@ and coupled RGB means; Adam at 1e-3 with the paper's betas (0.95, 0.9995)
 decayed by 0.999995 per step, batch 128, EMA of the parameters with decay
 0.9995. Every shifted, transposed and 1x1 layer is weight-normalised with the
 paper's data-dependent initialisation (model.weight_norm; the residual
-branch's second convolution at init scale 0.1), set from the first training
-batch. Data: tfds cifar10, 50,000 training and 10,000 test images, the
+branch's second convolution at init scale 0.1), set from 100 images of the
+first training batch (openai/pixel-cnn's init_batch_size). Data: tfds cifar10, 50,000 training and 10,000 test images, the
 whole test split evaluated. The paper trained for days
 on 8 GPUs; needs the tfds cifar10 data prepared (see the README).
 
@@ -59,6 +59,7 @@ def get_config(arg=None):
 
   config.train.num_steps = 600_000
   config.train.batch_size = 128
+  config.train.init_batch_size = 100  # openai/pixel-cnn's init_batch_size
   config.train.eval_batch_size = 256
   config.train.log_every = 500
   config.train.eval_every = 20_000

@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 10_000
   config.train.batch_size = 128  # global, over all devices and processes
+  # Examples that the initialisation sees (data-dependent initialisation:
+  # actnorm, weight norm): the first init_batch_size of the first training
+  # batch; 0 = all of it. Sharded when the devices divide it, else held
+  # whole by every device.
+  config.train.init_batch_size = 0
   config.train.eval_batch_size = 256  # global
   config.train.eval_examples = -1  # test examples per periodic eval; -1 = all
   # Examples of the evaluations before the last step (the curve's points):
@@ -235,6 +240,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config file's business)."""
   config.train.num_steps = 4
   config.train.batch_size = 8
+  config.train.init_batch_size = 0
   config.train.eval_batch_size = 8
   config.train.eval_examples = 16
   config.train.curve_eval_examples = -1
@@ -275,6 +281,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"train.num_steps={config.train.num_steps} must be >= 0.")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every"):
     need(config.train[key] > 0, f"train.{key}={config.train[key]} must be > 0.")
+  need(0 <= config.train.init_batch_size <= config.train.batch_size,
+       f"train.init_batch_size={config.train.init_batch_size} must be in"
+       f" [0, train.batch_size={config.train.batch_size}] (0: the whole"
+       " first batch).")
   need(config.train.curve_eval_examples == -1
        or config.train.curve_eval_examples >= 1,
        f"train.curve_eval_examples={config.train.curve_eval_examples} must be"

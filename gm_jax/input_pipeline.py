@@ -135,6 +135,28 @@ def global_batch(source: data_lib.ImageSource, indices: np.ndarray,
   return sharding_lib.host_to_global(local, mesh)
 
 
+def init_batch(source: data_lib.ImageSource, indices: np.ndarray, size: int,
+               mesh: Mesh) -> dict[str, jax.Array]:
+  """The first ``size`` examples of ``indices`` (all for 0), the batch that
+  the initialisation sees. Sharded like a training batch when the devices
+  divide it; otherwise (e.g. openai/pixel-cnn's 100 examples on 8 devices)
+  every process reads all of it and every device holds it whole."""
+  indices = np.asarray(indices)[:size or len(indices)]
+  if len(indices) % mesh.size == 0:
+    return global_batch(source, indices, mesh)
+  replicated = sharding_lib.replicated(mesh)
+  return {k: jax.make_array_from_process_local_data(replicated,
+                                                    np.asarray(v))
+          for k, v in source.get(indices).items()}
+
+
+def init_sharding(batch_size: int, init_batch_size: int, mesh: Mesh):
+  """The sharding of ``init_batch``'s arrays."""
+  if (init_batch_size or batch_size) % mesh.size == 0:
+    return sharding_lib.batch_sharding(mesh)
+  return sharding_lib.replicated(mesh)
+
+
 class Prefetcher:
   """Runs an iterator in a background thread, ``size`` items ahead.
 

@@ -304,6 +304,8 @@ def build(config: ml_collections.ConfigDict,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(init_fn, jax.random.PRNGKey(0), batch))
   data_in = (replicated, batched, replicated)
+  init_batched = input_pipeline.init_sharding(
+      config.train.batch_size, config.train.init_batch_size, mesh)
   visualize = None
   if family.visualize is not None:
     visualize = sharding_lib.SyncedJit(
@@ -313,7 +315,7 @@ def build(config: ml_collections.ConfigDict,
       config=config, family=family, mesh=mesh, tx=tx,
       abstract_state=abstract_state,
       init=sharding_lib.SyncedJit(init_fn, "init",
-                                  in_shardings=(replicated, batched),
+                                  in_shardings=(replicated, init_batched),
                                   out_shardings=replicated),
       train_step=sharding_lib.SyncedJit(
           make_train_step(family, tx, schedule, config.optim.ema_decay,
@@ -768,10 +770,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         final = outputs.catch_up(start, state) or {}
       else:
         t0 = time.perf_counter()
-        state = built.init(init_key, input_pipeline.global_batch(
+        state = built.init(init_key, input_pipeline.init_batch(
             train_source, input_pipeline.train_indices(
                 len(train_source), config.train.batch_size, config.seed, 0),
-            built.mesh))
+            config.train.init_batch_size, built.mesh))
         _print(f"Initialised {config.model.family} with {built.num_params:,}"
                f" parameters in {time.perf_counter() - t0:.1f}s on"
                f" {built.mesh.size} device(s).")

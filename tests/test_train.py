@@ -17,7 +17,15 @@ import optax
 import pytest
 
 from gm_jax import checkpoint as checkpoint_lib
-from gm_jax import config_lib, families, launch, metrics, train
+from gm_jax import (
+  config_lib,
+  data,
+  families,
+  input_pipeline,
+  launch,
+  metrics,
+  train,
+)
 from gm_jax import sharding as sharding_lib
 from gm_jax.family import Family, LossState
 
@@ -306,7 +314,66 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path, monkeypatch):
   assert steps == [2]
 
 
+def _batch_recording_family(model_config):
+  """The smoke VAE whose initial parameters record the init batch: its
+  size and the sum of its images (a data-dependent initialisation)."""
+  base = families.FAMILIES["vae"](model_config)
+
+  def init(key, batch):
+    params = base.init(key, batch)
+    images = batch["image"].astype(jnp.float32)
+    return {**params, "seen": jnp.stack([images.shape[0] + 0.0,
+                                         jnp.sum(images)])}
+
+  def loss(params, batch, key, step):
+    params = {k: v for k, v in params.items() if k != "seen"}
+    return base.loss(params, batch, key, step)
+  return Family(init, loss, base.evaluate, base.sample)
+
+
+@pytest.mark.parametrize("init_batch_size", [0, 8, 4, 3])
+def test_init_sees_the_first_init_batch_size_examples(
+    tmp_path, monkeypatch, init_batch_size):
+  """0: the whole first batch (16); 8 splits over the 8 devices; 4 and 3 do
+  not, and are held whole by every device. Either way the init sees the
+  first init_batch_size examples of step 0's batch, and training goes on
+  with whole batches."""
+  monkeypatch.setitem(families.FAMILIES, "recording_vae",
+                      _batch_recording_family)
+  config = smoke_config(num_steps=0, batch_size=16,
+                        init_batch_size=init_batch_size)
+  config.unlock()
+  config.model.family = "recording_vae"
+  config.lock()
+  built = train.build(config)
+  source = data.load_source(config.data, config.data.train_split)
+  indices = input_pipeline.train_indices(len(source), 16, config.seed, 0)
+  batch = input_pipeline.init_batch(source, indices, init_batch_size,
+                                    built.mesh)
+  size = init_batch_size or 16
+  sharded = size % built.mesh.size == 0
+  assert batch["image"].sharding.is_fully_replicated is not sharded
+  state = built.init(jax.random.PRNGKey(0), batch)
+  expected = source.get(indices[:size])["image"].astype(np.float64).sum()
+  np.testing.assert_allclose(np.asarray(state.params["seen"]),
+                             [size, expected], rtol=1e-6)
+  # The trainer initialises from the same examples, then trains on whole
+  # batches.
+  config = smoke_config(num_steps=2, batch_size=16,
+                        init_batch_size=init_batch_size)
+  config.unlock()
+  config.model.family = "recording_vae"
+  config.lock()
+  train.train_and_evaluate(config, str(tmp_path))
+  _, params = final_params(str(tmp_path), config)
+  # Its gradient is zero: Adam leaves it where the init put it.
+  np.testing.assert_allclose(np.asarray(params["seen"]), [size, expected],
+                             rtol=1e-6)
+
+
 @pytest.mark.parametrize("change,message", [
+    (lambda c: c.train.update(init_batch_size=9),
+     r"train.init_batch_size=9 must be in \[0, train.batch_size=8\]"),
     (lambda c: c.data.update(source="imagenet_on_floppy"),
      "imagenet_on_floppy"),
     (lambda c: c.model.update(image_shape=(32, 32, 3)),
