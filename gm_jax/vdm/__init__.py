@@ -12,9 +12,15 @@ from gm_jax.vdm.family import (
   default_model_config,
   make,
 )
-from gm_jax.vdm.network import ScoreNet, fourier_features
+from gm_jax.vdm.network import (
+  ScoreNet,
+  fourier_features,
+  scanned_params,
+  unrolled_params,
+)
 
 __all__ = [
     "VDM", "VDMConfig", "ScoreNet", "bound", "default_model_config",
-    "fourier_features", "make", "network",
+    "fourier_features", "make", "network", "scanned_params",
+    "unrolled_params",
 ]

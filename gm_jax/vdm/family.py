@@ -77,6 +77,9 @@ class VDMConfig(schema.ModelConfig):
       estimates the estimator's variance).
     sample_steps: steps of the ancestral sampler.
     sample_decode: "argmax" (the decoder's most likely level) or "sample".
+    scan_layers: the blocks before and after the middle as two
+      ``flax.linen.scan``s with stacked parameters (``ScoreNet.scan_blocks``):
+      the same function and parameter count, compiled once per scan.
   """
 
   image_shape: tuple[int, int, int] = (32, 32, 3)
@@ -97,6 +100,7 @@ class VDMConfig(schema.ModelConfig):
   eval_time_samples: int = 1
   sample_steps: int = 1000
   sample_decode: str = schema.choice("argmax", DECODES)
+  scan_layers: bool = False
 
   def validate(self):
     schema.require(self.gamma_max > self.gamma_min, "gamma_max",
@@ -111,6 +115,9 @@ class VDMConfig(schema.ModelConfig):
                    self.num_heads, f"must divide width={self.width}")
     schema.require(self.num_blocks >= 0, "num_blocks", self.num_blocks,
                    "must be >= 0")
+    schema.require(not self.scan_layers or self.num_blocks >= 1,
+                   "scan_layers", self.scan_layers,
+                   "needs num_blocks >= 1 (there is nothing to scan)")
     schema.require(0.0 <= self.dropout < 1.0, "dropout", self.dropout,
                    "must be in [0, 1)")
     schema.require(all(isinstance(n, int) for n in self.fourier_exponents),
@@ -146,7 +153,8 @@ class VDM:
                         num_groups=cfg.num_groups, num_heads=cfg.num_heads,
                         dropout=cfg.dropout,
                         fourier_exponents=cfg.fourier_exponents,
-                        gamma_range=(cfg.gamma_min, cfg.gamma_max))
+                        gamma_range=(cfg.gamma_min, cfg.gamma_max),
+                        scan_blocks=cfg.scan_layers)
 
   @property
   def variance_trained(self) -> bool:

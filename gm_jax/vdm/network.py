@@ -19,7 +19,7 @@ U-Net (``gm_jax.diffusion.layers``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,28 @@ def fourier_features(z: Array, exponents: Sequence[int]) -> Array:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+class _ResnetStep(nn.Module):
+  """One ResNet block as the body of ``ScoreNet``'s scans: (h, skip, emb)
+  -> (out, out), or (out, None) without ``emit``; the block reads h, or
+  [h, skip] on the channels. Its parameters sit under "block", stacked over
+  the scanned blocks."""
+
+  width: int
+  dropout: float
+  num_groups: int
+  train: bool
+  emit: bool = True
+
+  @nn.compact
+  def __call__(self, h: Array, skip: Optional[Array], emb: Array
+               ) -> tuple[Array, Optional[Array]]:
+    if skip is not None:
+      h = jnp.concatenate([h, skip], -1)
+    out = layers.ResnetBlock(self.width, self.dropout, self.num_groups,
+                             name="block")(h, emb, train=self.train)
+    return out, (out if self.emit else None)
+
+
 class ScoreNet(nn.Module):
   """Predicts eps from (z_t, gamma_t) at full resolution.
 
@@ -65,6 +87,12 @@ class ScoreNet(nn.Module):
     fourier_exponents: exponents n of ``fourier_features``; () for none.
     gamma_range: (gamma_min, gamma_max) mapped to [0, 1] for the time
       embedding.
+    scan_blocks: the num_blocks blocks before the middle as one
+      ``nn.scan`` and the num_blocks + 1 after it as another, their
+      parameters stacked under "down_blocks" / "up_blocks" (unrolled:
+      "down_block{i}", "up_block{i}"). The same function (tested), compiled
+      as two blocks instead of 2 num_blocks + 1; ``scanned_params`` and
+      ``unrolled_params`` move parameters between the layouts.
   """
 
   width: int = 128
@@ -74,6 +102,7 @@ class ScoreNet(nn.Module):
   dropout: float = 0.1
   fourier_exponents: Sequence[int] = (6, 7)
   gamma_range: tuple[float, float] = (-13.3, 5.0)
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, z: Array, gamma_t: Array, *,
@@ -99,18 +128,59 @@ class ScoreNet(nn.Module):
                         axis=-1)
     h = Conv(self.width, (3, 3), padding="SAME",
              kernel_init=layers.default_init, name="conv_in")(h)
-    skips = [h]
-    for i in range(self.num_blocks):
-      h = resblock(f"down_block{i}")(h, emb, train=train)
-      skips.append(h)
+    if self.scan_blocks:
+      def blocks(name, length, emit):
+        return nn.scan(
+            _ResnetStep, variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast), length=length)(
+                self.width, self.dropout, self.num_groups, train, emit,
+                name=name)
+      entry = h
+      h, outputs = blocks("down_blocks", self.num_blocks, True)(h, None, emb)
+      skips = jnp.concatenate([entry[None], outputs])  # [num_blocks + 1, ...]
+    else:
+      skips = [h]
+      for i in range(self.num_blocks):
+        h = resblock(f"down_block{i}")(h, emb, train=train)
+        skips.append(h)
     h = resblock("mid_block1")(h, emb, train=train)
     h = layers.AttentionBlock(self.num_heads, self.num_groups,
                               name="mid_attn")(h)
     h = resblock("mid_block2")(h, emb, train=train)
-    for i in range(self.num_blocks + 1):
-      h = resblock(f"up_block{i}")(jnp.concatenate([h, skips.pop()], -1),
-                                   emb, train=train)
+    if self.scan_blocks:
+      h, _ = blocks("up_blocks", self.num_blocks + 1, False)(
+          h, skips[::-1], emb)
+    else:
+      for i in range(self.num_blocks + 1):
+        h = resblock(f"up_block{i}")(jnp.concatenate([h, skips.pop()], -1),
+                                     emb, train=train)
     h = nn.swish(nn.GroupNorm(self.num_groups, name="norm_out")(h))
     h = Conv(z.shape[-1], (3, 3), padding="SAME",
              kernel_init=layers.zero_init, name="conv_out")(h)
     return z + h.astype(jnp.float32)
+
+
+def scanned_params(params: dict, num_blocks: int) -> dict:
+  """A ``ScoreNet``'s parameters, unrolled layout -> ``scan_blocks``.
+  Optimizer state maps the same way."""
+  out = {k: v for k, v in params.items()
+         if not k.startswith(("down_block", "up_block"))}
+  for name, count in (("down_block", num_blocks),
+                      ("up_block", num_blocks + 1)):
+    out[name + "s"] = {"block": jax.tree.map(
+        lambda *leaves: jnp.stack(leaves),
+        *[params[f"{name}{i}"] for i in range(count)])}
+  return out
+
+
+def unrolled_params(params: dict, num_blocks: int) -> dict:
+  """The inverse of ``scanned_params``."""
+  out = {k: v for k, v in params.items()
+         if k not in ("down_blocks", "up_blocks")}
+  for name, count in (("down_block", num_blocks),
+                      ("up_block", num_blocks + 1)):
+    for i in range(count):
+      out[f"{name}{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i],
+                                       params[name + "s"]["block"])
+  return out
