@@ -42,7 +42,10 @@ function:
   169, its 2x3 64 -> 128: 1,382 / 365. The rule that fits all of them: both
   channel counts >= 64, at least 16,384 output positions (batch x height x
   width) and positions x the smaller channel count >= 1.5e6, whatever the
-  kernel size. The input gradient and
+  kernel size. The cliff depends on the machine: where it is absent,
+  ``$GM_JAX_CPU_KERNEL_GRAD=conv`` keeps every kernel gradient a
+  convolution ("matmul" makes every one a matrix product; "rule", the
+  default, applies the rule). The input gradient and
   the forward convolution stay convolutions (they are fast);
 * on the CPU backend, the derivative is written out (``cpu_conv``) so that
   every gradient convolution is already in XLA:CPU's canonical NHWC / HWIO
@@ -58,6 +61,7 @@ fast); the choice is made at trace time from ``jax.default_backend()``.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -154,6 +158,26 @@ class SubPixelConvTranspose(nn.Module):
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(y.dtype)
     return y
+
+
+# The environment variable that overrides the rule below for every "auto"
+# layer: "rule" (the default), "conv" or "matmul". The cliff is a property
+# of the machine: on an AVX-512 EPYC (2026-11-29, evening) XLA:CPU's own
+# kernel gradient was faster than the matrix product for every layer the
+# rule sends to it but Gated PixelCNN's 1x2 and 2x3 ones (benchmarks/
+# README.md), so there "conv" trains PixelCNN 1.29x and DDPM 1.07x faster.
+CPU_KERNEL_GRAD_ENV = "GM_JAX_CPU_KERNEL_GRAD"
+CPU_KERNEL_GRAD_CHOICES = ("rule", "conv", "matmul")
+
+
+def cpu_kernel_grad_choice() -> str:
+  """The kernel-gradient choice of the CPU backend's "auto" layers, from
+  ``$GM_JAX_CPU_KERNEL_GRAD`` (read when a layer is traced)."""
+  value = os.environ.get(CPU_KERNEL_GRAD_ENV, "rule") or "rule"
+  if value not in CPU_KERNEL_GRAD_CHOICES:
+    raise ValueError(f"{CPU_KERNEL_GRAD_ENV}={value!r}: expected one of"
+                     f" {CPU_KERNEL_GRAD_CHOICES}.")
+  return value
 
 
 # Where, on CPU, a kernel gradient is computed as an im2col matrix product
@@ -312,10 +336,12 @@ class Conv(nn.Module):
       if mode == "auto":
         out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
             x.shape[1:3], padding, (kh, kw), strides, strict=True)]
-        mode = ("matmul" if jax.default_backend() == "cpu" and
-                cpu_matmul_kernel_grad(x.shape[0] * out_hw[0] * out_hw[1],
-                                       (kh, kw), x.shape[-1], self.features)
-                else "conv")
+        choice = (cpu_kernel_grad_choice() if jax.default_backend() == "cpu"
+                  else "conv")
+        mode = ("matmul" if choice == "matmul" or (
+            choice == "rule" and cpu_matmul_kernel_grad(
+                x.shape[0] * out_hw[0] * out_hw[1], (kh, kw), x.shape[-1],
+                self.features)) else "conv")
       if mode == "xla" or (mode == "conv"
                            and jax.default_backend() != "cpu"):
         y = _lax_conv(x, kernel, strides, padding, self.precision)

@@ -164,6 +164,33 @@ def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
   assert not convolutions.cpu_matmul_kernel_grad(6_272, (4, 4), 32, 64)
 
 
+@pytest.mark.parametrize("choice,matmuls", [
+    ("", (True, False)), ("rule", (True, False)), ("conv", (False, False)),
+    ("matmul", (True, True))])
+def test_kernel_gradient_choice_follows_the_environment(monkeypatch, choice,
+                                                        matmuls):
+  """$GM_JAX_CPU_KERNEL_GRAD overrides the rule for "auto" layers, read at
+  trace time; a layer's own kernel_grad still wins; a misspelt value is
+  named."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the choice only applies on the CPU backend")
+  monkeypatch.setenv(convolutions.CPU_KERNEL_GRAD_ENV, choice)
+
+  def has_matmul(shape, features, kernel_grad="auto"):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    module = Conv(features, (3, 3), kernel_grad=kernel_grad)
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2))
+    return "dot_general" in jax.jit(grad).lower(variables, x).as_text()
+  # Past the cliff, then below it.
+  assert has_matmul((32, 32, 32, 64), 64) == matmuls[0]
+  assert has_matmul((128, 8, 8, 128), 128) == matmuls[1]
+  assert not has_matmul((32, 32, 32, 64), 64, kernel_grad="conv")
+  monkeypatch.setenv(convolutions.CPU_KERNEL_GRAD_ENV, "im2col")
+  with pytest.raises(ValueError, match="GM_JAX_CPU_KERNEL_GRAD='im2col'"):
+    has_matmul((32, 32, 32, 64), 64)
+
+
 @pytest.mark.parametrize("kernel_grad", ["conv", "matmul"])
 def test_conv_gradients_inside_a_loop_compile_to_canonical_convolutions(
     kernel_grad):
