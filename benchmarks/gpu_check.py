@@ -44,7 +44,7 @@ PEAK_TFLOPS = {
 PAPER_CONFIGS = (
     "vae_mnist.py", "vae_binarized_mnist.py", "pixelcnn_mnist.py",
     "gated_pixelcnn_mnist.py", "pixelcnnpp_cifar10.py", "realnvp_cifar10.py",
-    "glow_cifar10.py", "diffusion_cifar10.py",
+    "glow_cifar10.py", "diffusion_cifar10.py", "vdm_cifar10.py",
 )
 
 

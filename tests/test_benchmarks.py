@@ -65,9 +65,9 @@ def test_gpu_check_all_paper_configs():
   rows = _json_lines(_gpu_check())
   dtypes = {(r["config"], r["dtype"]) for r in rows if r["what"] == "train"}
   assert ("diffusion_cifar10.py", "bfloat16") in dtypes
-  # 8 configs, diffusion also in bfloat16, and the three scanned configs
-  # (two flows, PixelCNN++) again unrolled.
-  assert len([r for r in rows if "images_s" in r]) == 12
+  # 9 configs, diffusion also in bfloat16, and the four scanned configs
+  # (two flows, PixelCNN++, VDM) again unrolled.
+  assert len([r for r in rows if "images_s" in r]) == 14
   assert any(r.get("name", "").startswith("DDIM-") for r in rows)
 
 
