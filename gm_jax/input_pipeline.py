@@ -142,16 +142,16 @@ def init_batch(source: data_lib.ImageSource, indices: np.ndarray, size: int,
   divide it; otherwise (e.g. openai/pixel-cnn's 100 examples on 8 devices)
   every process reads all of it and every device holds it whole."""
   indices = np.asarray(indices)[:size or len(indices)]
-  if len(indices) % mesh.size == 0:
+  sharding = init_sharding(len(indices), size, mesh)
+  if sharding == sharding_lib.batch_sharding(mesh):
     return global_batch(source, indices, mesh)
-  replicated = sharding_lib.replicated(mesh)
-  return {k: jax.make_array_from_process_local_data(replicated,
-                                                    np.asarray(v))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in source.get(indices).items()}
 
 
 def init_sharding(batch_size: int, init_batch_size: int, mesh: Mesh):
-  """The sharding of ``init_batch``'s arrays."""
+  """The sharding of ``init_batch``'s arrays: the batch sharding when the
+  devices divide the init batch, else replicated."""
   if (init_batch_size or batch_size) % mesh.size == 0:
     return sharding_lib.batch_sharding(mesh)
   return sharding_lib.replicated(mesh)

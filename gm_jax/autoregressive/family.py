@@ -270,7 +270,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
 
   # Sampling runs the unrolled network: the cached sampler addresses each
   # block's caches by name.
-  sample_net = build_network(spec, scan=False)
+  sample_net = build_network(spec, scan=False) if spec.scan_layers else net
 
   def sample(params, key, num):
     label = (jnp.arange(num, dtype=jnp.int32) % spec.num_classes

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gm_jax import trees
 from gm_jax.autoregressive import layers
 from gm_jax.convolutions import Conv
 
@@ -735,8 +736,8 @@ def pixelcnnpp_unrolled_params(params: dict, num_resnet: int) -> dict:
   out = {k: v for k, v in params.items() if k not in stages}
   for j, (stage, i) in enumerate(_pixelcnnpp_stage_blocks(num_resnet)):
     for stream, suffix in ((0, "u"), (1, "ul")):
-      out[f"GatedResnet_{2 * j + stream}"] = jax.tree.map(
-          lambda leaf, i=i: leaf[i], params[f"{stage}_{suffix}"]["block"])
+      out[f"GatedResnet_{2 * j + stream}"] = trees.index(
+          params[f"{stage}_{suffix}"]["block"], i)
   return out
 
 
@@ -750,7 +751,6 @@ def pixelcnnpp_scanned_params(params: dict, num_resnet: int) -> dict:
     for stream, suffix in ((0, "u"), (1, "ul")):
       blocks.setdefault(f"{stage}_{suffix}", []).append(
           params[f"GatedResnet_{2 * j + stream}"])
-  for name, trees in blocks.items():
-    out[name] = {"block": jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                                       *trees)}
+  for name, stacked in blocks.items():
+    out[name] = {"block": trees.stack(stacked)}
   return out

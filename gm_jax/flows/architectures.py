@@ -12,13 +12,14 @@ transforms), so log p(x) = log N(z; 0, I) + log|det dz/dx|.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gm_jax import trees
 from gm_jax.flows import bijectors as bj
 from gm_jax.flows import priors
 
@@ -222,7 +223,7 @@ class GlowSteps(bj.Bijector):
 
   def _scan(self, x: Array, labels: Optional[Array], inverse: bool
             ) -> Tuple[Array, Array]:
-    constants = _stack(
+    constants = trees.stack(
         [glow_step_constants(self.first + k, self.permutation, x.shape[-1])
          for k in range(self.num_steps)], np.stack)
     steps = nn.scan(_GlowStepOf, variable_axes={"params": 0},
@@ -366,12 +367,6 @@ def build_realnvp(image_shape: Shape, num_levels: int, steps_per_level: int,
       top_prior=_top_prior(learned_top_prior, num_classes, classifier))
 
 
-def _stack(trees: Sequence[Any], stack=jnp.stack) -> Any:
-  """Trees of equal structure -> one tree, leaves stacked on a new axis 0
-  (``np.stack`` keeps host constants as numpy)."""
-  return jax.tree.map(lambda *leaves: stack(leaves), *trees)
-
-
 def _scanned_conditioner(unrolled: dict, num_res_blocks: int,
                          conditioner: str) -> dict:
   """A ``ConvNet``'s parameters, unrolled layout -> ``scan_res_blocks``."""
@@ -386,7 +381,7 @@ def _scanned_conditioner(unrolled: dict, num_res_blocks: int,
     if f"{name}_{1 + 2 * n}" in unrolled:  # The plain output conv.
       out[f"{name}_1"] = unrolled[f"{name}_{1 + 2 * n}"]
   out["res_blocks"] = {
-      f"{name}_{j}": _stack([unrolled[f"{name}_{1 + 2 * b + j}"]
+      f"{name}_{j}": trees.stack([unrolled[f"{name}_{1 + 2 * b + j}"]
                              for b in range(n)])
       for name in names for j in (0, 1)}
   return out
@@ -420,11 +415,12 @@ def scanned_params(params: dict, architecture: str, num_res_blocks: int,
                           if "conditioner" in layer else layer)
           for k, layer in enumerate(layers)}
       continue
-    step = {"ActNorm_0": _stack([s["layers_0"] for s in layers]),
-            "Coupling_0": _stack([
+    step = {"ActNorm_0": trees.stack([s["layers_0"] for s in layers]),
+            "Coupling_0": trees.stack([
                 _scanned_coupling(s["layers_2"], num_res_blocks, conditioner)
                 for s in layers])}
     if "layers_1" in layers[0]:  # An invertible 1x1 conv (not a permutation).
-      step["Invertible1x1Conv_0"] = _stack([s["layers_1"] for s in layers])
+      step["Invertible1x1Conv_0"] = trees.stack(
+          [s["layers_1"] for s in layers])
     out[name] = {"steps": step}
   return out

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gm_jax import trees
 from gm_jax.convolutions import Conv
 from gm_jax.diffusion import layers
 
@@ -168,9 +169,8 @@ def scanned_params(params: dict, num_blocks: int) -> dict:
          if not k.startswith(("down_block", "up_block"))}
   for name, count in (("down_block", num_blocks),
                       ("up_block", num_blocks + 1)):
-    out[name + "s"] = {"block": jax.tree.map(
-        lambda *leaves: jnp.stack(leaves),
-        *[params[f"{name}{i}"] for i in range(count)])}
+    out[name + "s"] = {"block": trees.stack(
+        [params[f"{name}{i}"] for i in range(count)])}
   return out
 
 
@@ -181,6 +181,5 @@ def unrolled_params(params: dict, num_blocks: int) -> dict:
   for name, count in (("down_block", num_blocks),
                       ("up_block", num_blocks + 1)):
     for i in range(count):
-      out[f"{name}{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i],
-                                       params[name + "s"]["block"])
+      out[f"{name}{i}"] = trees.index(params[name + "s"]["block"], i)
   return out
