@@ -135,6 +135,17 @@ def global_batch(source: data_lib.ImageSource, indices: np.ndarray,
   return sharding_lib.host_to_global(local, mesh)
 
 
+def batch_spec(source: data_lib.ImageSource, batch_size: int,
+               mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of ``global_batch``'s arrays for
+  ``batch_size`` examples (one example is read to learn them)."""
+  example = source.get(np.zeros(1, np.int64))
+  sharding = sharding_lib.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v)[1:],
+                                  np.asarray(v).dtype, sharding=sharding)
+          for k, v in example.items()}
+
+
 def init_batch(source: data_lib.ImageSource, indices: np.ndarray, size: int,
                mesh: Mesh) -> dict[str, jax.Array]:
   """The first ``size`` examples of ``indices`` (all for 0), the batch that

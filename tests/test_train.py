@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import Any
 
 import flax
@@ -312,6 +313,78 @@ def test_non_finite_loss_stops_without_checkpointing(tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path))
   steps = checkpoint_lib.Checkpointer(str(tmp_path)).all_steps()
   assert steps == [2]
+
+
+class _CompileLog:
+  """Which thread compiled which jitted function (jax.monitoring's
+  backend-compile event, also sent on a persistent-cache hit)."""
+
+  def __init__(self):
+    self.events = []
+
+  def __call__(self, event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.events.append((kwargs.get("fun_name"),
+                          threading.current_thread().name))
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+  def threads(self, name):
+    return [thread for fun, thread in self.events if fun == name]
+
+
+def test_the_train_step_compiles_once_alongside_the_init(tmp_path, capsys):
+  """A fresh run and a resumed one compile the train step exactly once,
+  in the compile-ahead thread: the specs it compiles for (abstract state,
+  batch spec, key) are the shapes, dtypes and shardings of the real first
+  call, which then finds the executable in the jit cache."""
+  workdir = str(tmp_path)
+  jax.clear_caches()
+  with _CompileLog() as log:
+    train.train_and_evaluate(smoke_config(num_steps=2), workdir)
+  assert log.threads("jit(train_step)") == ["gm_jax-compile-ahead"]
+  assert log.threads("jit(init_fn)") == ["MainThread"]
+  assert "Compiled the train step in" in capsys.readouterr().out
+  jax.clear_caches()
+  with _CompileLog() as log:
+    train.train_and_evaluate(smoke_config(num_steps=4), workdir)
+  assert log.threads("jit(train_step)") == ["gm_jax-compile-ahead"]
+  assert log.threads("jit(init_fn)") == []
+  out = capsys.readouterr().out
+  assert "Resumed from the checkpoint at step 2" in out
+  assert "alongside the catch-up" in out
+
+
+def _untraceable_family(model_config):
+  """The smoke VAE whose loss cannot be traced."""
+  base = families.FAMILIES["vae"](model_config)
+
+  def loss(params, batch, key, step):
+    raise ValueError("this loss cannot be traced")
+  return Family(base.init, loss, base.evaluate, base.sample)
+
+
+def test_an_error_compiling_ahead_is_raised_by_the_run(tmp_path,
+                                                       monkeypatch):
+  """The compile-ahead thread's error reaches the caller as itself, after
+  the initialisation, with no thread left behind and nothing saved."""
+  monkeypatch.setitem(families.FAMILIES, "untraceable_vae",
+                      _untraceable_family)
+  config = smoke_config(num_steps=2)
+  config.unlock()
+  config.model.family = "untraceable_vae"
+  before = set(threading.enumerate())
+  with pytest.raises(ValueError, match="this loss cannot be traced"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not [t for t in set(threading.enumerate()) - before
+              if t.name == "gm_jax-compile-ahead"]
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
 
 
 def _batch_recording_family(model_config):
