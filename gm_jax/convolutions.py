@@ -17,7 +17,8 @@ input dilated by the stride) is several times slower than that of a stride-1
 convolution (100 ms vs 20 ms for 64 -> 32 channels, 4x4, stride 2, batch 128,
 2 cores); the stride-1 form wastes no multiplications on the dilation's
 zeros. On GPUs cuDNN runs both forms natively, and the stride-1 convolution
-with more output channels is the better-shaped one of the two.
+with more output channels is the better-shaped one of the two. The stride-1
+convolution itself is computed as ``Conv``'s is (``conv2d``, below).
 
 ``Conv`` is ``flax.linen.Conv`` (same parameters, names and initialisers)
 with two changes in how XLA is asked to compute it, neither changing the
@@ -107,10 +108,42 @@ def _phase_taps(k: int, s: int, n: int, padding: str):
   return index, lo, -(-out_size // s), out_size
 
 
+# On CPU, a transposed convolution whose phases use fewer taps than their
+# union (e.g. 4x4 stride 2: 2 x 2 taps per phase, a 3 x 3 union) runs one
+# convolution per phase once it has this many output channels (see
+# ``SubPixelConvTranspose``).
+CPU_PHASE_MIN_FEATURES = 16
+
+
+def _phase_windows(index: np.ndarray, k: int) -> list[tuple[int, int]]:
+  """(first window position, number of taps) of each phase: a phase's
+  taps are consecutive positions of the window (tap t of phase a sits at
+  (a + t - before) / s - lo, and its taps are s apart)."""
+  windows = []
+  for row in index:
+    valid = np.flatnonzero(row != k)
+    windows.append((int(valid[0]), len(valid)) if len(valid) else (0, 0))
+  return windows
+
+
 class SubPixelConvTranspose(nn.Module):
-  """``nn.ConvTranspose(features, kernel_size, strides, padding)`` as a
-  stride-1 convolution to ``s_h * s_w * features`` channels and
-  depth-to-space. NHWC; padding "SAME" or "VALID"."""
+  """``nn.ConvTranspose(features, kernel_size, strides, padding)`` as
+  stride-1 convolutions and depth-to-space. NHWC; padding "SAME" or
+  "VALID"; ``kernel_grad`` as ``Conv``'s (every convolution is computed by
+  ``conv2d``).
+
+  Two forms of the same function: one convolution to ``s_h * s_w *
+  features`` channels over the union of the phases' windows, or one
+  convolution per phase over its own taps (``by_phase``; None chooses:
+  on CPU the per-phase form where the union holds taps some phase does not
+  use and there are at least ``CPU_PHASE_MIN_FEATURES`` features, else the
+  union). For the VAE's 4x4 stride-2 64 -> 32 layer the union is 3 x 3
+  taps against 2 x 2 per phase, 2.25x the multiply-adds: its gradient took
+  18 ms as the union and 10 ms per phase (batch 128, 2 cores), while for
+  its 32 -> 1 head the four one-channel convolutions lost (7.1 against
+  5.2 ms). Accelerators keep the single convolution, one larger kernel
+  instead of s_h * s_w small ones.
+  """
 
   features: int
   kernel_size: tuple[int, int]
@@ -120,40 +153,71 @@ class SubPixelConvTranspose(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
   precision: Optional[jax.lax.Precision] = None
+  kernel_grad: str = "auto"  # as Conv's
+  by_phase: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    _check_kernel_grad(self.kernel_grad)
     (kh, kw), (sh, sw) = self.kernel_size, self.strides
     batch, h, w, cin = x.shape
     kernel = self.param("kernel", self.kernel_init,
                         (kh, kw, cin, self.features), jnp.float32)
+    kernel = kernel.astype(x.dtype)
     idx_h, lo_h, m_h, out_h = _phase_taps(kh, sh, h, self.padding)
     idx_w, lo_w, m_w, out_w = _phase_taps(kw, sw, w, self.padding)
-    # A zero tap at index k on each axis, then gather per (phase, position).
-    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-    sub = padded[idx_h[:, :, None, None], idx_w[None, None, :, :]]
-    # [a_h, p_h, a_w, p_w, cin, f] -> [p_h, p_w, cin, (a_h, a_w, f)]
     ph, pw = idx_h.shape[1], idx_w.shape[1]
-    sub = sub.transpose(1, 3, 4, 0, 2, 5).reshape(
-        ph, pw, cin, sh * sw * self.features)
-    # Window m covers input pixels m + lo .. m + lo + P - 1, m < num_windows:
-    # pad (or, where negative, crop) the input to exactly those pixels.
-    def window_padding(lo, width, windows, n):
-      return -lo, windows - 1 + lo + width - 1 - (n - 1), 0
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [
-        (0, 0, 0), window_padding(lo_h, ph, m_h, h),
-        window_padding(lo_w, pw, m_w, w), (0, 0, 0)])
-    # The stride-1 convolution as one matrix product over the P_h x P_w
-    # shifted copies of the input (im2col): XLA:CPU runs small-kernel
-    # convolutions and their gradients far below its matmul speed.
-    patches = jnp.concatenate(
-        [x[:, i:i + m_h, j:j + m_w] for i in range(ph) for j in range(pw)],
-        axis=-1)
-    y = jnp.dot(patches, sub.reshape(ph * pw * cin, -1).astype(x.dtype),
-                precision=self.precision)
-    y = y.reshape(batch, m_h, m_w, sh, sw, self.features)
-    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(
-        batch, m_h * sh, m_w * sw, self.features)[:, :out_h, :out_w]
+    phases_h, phases_w = _phase_windows(idx_h, kh), _phase_windows(idx_w, kw)
+    by_phase = self.by_phase
+    if by_phase is None:
+      used = (sum(n for _, n in phases_h) * sum(n for _, n in phases_w))
+      by_phase = (jax.default_backend() == "cpu"
+                  and self.features >= CPU_PHASE_MIN_FEATURES
+                  and used < sh * sw * ph * pw)
+
+    # Window m covers input pixels m + lo + first .. m + lo + first + n - 1
+    # for m < num_windows: the padding of the input to exactly those
+    # pixels (never negative for "SAME" and "VALID": tests/
+    # test_convolutions.py sweeps kernels, strides and sizes).
+    def window_padding(lo, first, n, windows, size):
+      return -(lo + first), windows - 1 + lo + first + n - 1 - (size - 1)
+
+    def convolve(sub, pads):
+      assert min(min(p) for p in pads) >= 0, pads
+      return conv2d(x, sub, (1, 1), pads, self.precision, self.kernel_grad)
+
+    if by_phase:
+      rows = []
+      for a_h, (first_h, n_h) in enumerate(phases_h):
+        row = []
+        for a_w, (first_w, n_w) in enumerate(phases_w):
+          if n_h == 0 or n_w == 0:  # a kernel smaller than the stride
+            row.append(jnp.zeros((batch, m_h, m_w, self.features), x.dtype))
+            continue
+          taps_h = idx_h[a_h, first_h:first_h + n_h]
+          taps_w = idx_w[a_w, first_w:first_w + n_w]
+          row.append(convolve(
+              kernel[taps_h[:, None], taps_w[None, :]],
+              (window_padding(lo_h, first_h, n_h, m_h, h),
+               window_padding(lo_w, first_w, n_w, m_w, w))))
+        rows.append(jnp.stack(row, axis=3))  # [B, m_h, m_w, s_w, F]
+      y = jnp.stack(rows, axis=2)  # [B, m_h, s_h, m_w, s_w, F]
+    else:
+      # A zero tap at index k on each axis, then gather per (phase,
+      # position): [a_h, p_h, a_w, p_w, cin, f] -> [p_h, p_w, cin,
+      # (a_h, a_w, f)].
+      padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+      sub = padded[idx_h[:, :, None, None], idx_w[None, None, :, :]]
+      sub = sub.transpose(1, 3, 4, 0, 2, 5).reshape(
+          ph, pw, cin, sh * sw * self.features)
+      # The stride-1 convolution is computed like ``Conv``'s: an earlier
+      # im2col matrix product here cost 10x more than XLA:CPU's own
+      # convolution for the VAE's 32 -> 1 head (benchmarks/README.md).
+      y = convolve(sub, (window_padding(lo_h, 0, ph, m_h, h),
+                         window_padding(lo_w, 0, pw, m_w, w)))
+      y = y.reshape(batch, m_h, m_w, sh, sw, self.features)
+      y = y.transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(batch, m_h * sh, m_w * sw, self.features)[:, :out_h, :out_w]
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(y.dtype)
@@ -281,6 +345,45 @@ def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
   return y, dy
 
 
+KERNEL_GRADS = ("auto", "matmul", "conv", "xla")
+
+
+def _check_kernel_grad(kernel_grad: str) -> None:
+  if kernel_grad not in KERNEL_GRADS:
+    raise ValueError("kernel_grad must be 'auto', 'matmul', 'conv' or "
+                     f"'xla', got {kernel_grad!r}.")
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+           padding: Sequence[tuple[int, int]], precision=None,
+           kernel_grad: str = "auto") -> jax.Array:
+  """``lax.conv_general_dilated`` of NHWC ``x`` with an HWIO ``kernel``
+  (explicit, non-negative padding), computed the way each backend runs it
+  best: a 1x1 stride-1 unpadded layer as a matrix product; elsewhere a
+  convolution whose kernel gradient on CPU follows ``kernel_grad`` ("auto":
+  ``$GM_JAX_CPU_KERNEL_GRAD`` and ``cpu_matmul_kernel_grad``; "matmul",
+  "conv"; "xla": JAX's own derivative). ``Conv`` and
+  ``SubPixelConvTranspose`` both compute their convolution here."""
+  _check_kernel_grad(kernel_grad)
+  kh, kw = kernel.shape[:2]
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0),) * 2:
+    return jnp.dot(x, kernel[0, 0], precision=precision)
+  mode = kernel_grad
+  if mode == "auto":
+    out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
+        x.shape[1:3], padding, (kh, kw), strides, strict=True)]
+    choice = (cpu_kernel_grad_choice() if jax.default_backend() == "cpu"
+              else "conv")
+    mode = ("matmul" if choice == "matmul" or (
+        choice == "rule" and cpu_matmul_kernel_grad(
+            x.shape[0] * out_hw[0] * out_hw[1], (kh, kw), x.shape[-1],
+            kernel.shape[-1])) else "conv")
+  if mode == "xla" or (mode == "conv" and jax.default_backend() != "cpu"):
+    return _lax_conv(x, kernel, strides, padding, precision)
+  return cpu_conv(x, kernel, strides, padding, precision, mode)
+
+
 class Conv(nn.Module):
   """``nn.Conv`` for NHWC images, computed the way each backend runs best
   (see the module docstring). Same parameters ("kernel" [kh, kw, Cin,
@@ -308,9 +411,7 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"Conv expects NHWC input, got shape {x.shape}.")
-    if self.kernel_grad not in ("auto", "matmul", "conv", "xla"):
-      raise ValueError("kernel_grad must be 'auto', 'matmul', 'conv' or "
-                       f"'xla', got {self.kernel_grad!r}.")
+    _check_kernel_grad(self.kernel_grad)
     kh, kw = self.kernel_size
     strides = self.strides if self.strides is not None else 1
     strides = ((int(strides),) * 2 if isinstance(strides, int)
@@ -328,25 +429,7 @@ class Conv(nn.Module):
                                         self.padding)
     else:
       padding = self.padding
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0),) * 2:
-      y = jnp.dot(x, kernel[0, 0], precision=self.precision)
-    else:
-      mode = self.kernel_grad
-      if mode == "auto":
-        out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
-            x.shape[1:3], padding, (kh, kw), strides, strict=True)]
-        choice = (cpu_kernel_grad_choice() if jax.default_backend() == "cpu"
-                  else "conv")
-        mode = ("matmul" if choice == "matmul" or (
-            choice == "rule" and cpu_matmul_kernel_grad(
-                x.shape[0] * out_hw[0] * out_hw[1], (kh, kw), x.shape[-1],
-                self.features)) else "conv")
-      if mode == "xla" or (mode == "conv"
-                           and jax.default_backend() != "cpu"):
-        y = _lax_conv(x, kernel, strides, padding, self.precision)
-      else:
-        y = cpu_conv(x, kernel, strides, padding, self.precision, mode)
+    y = conv2d(x, kernel, strides, padding, self.precision, self.kernel_grad)
     if bias is not None:
       y = y + bias
     return y

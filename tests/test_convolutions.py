@@ -40,14 +40,20 @@ def same_init_then_perturbed(reference, module, x):
       lambda a: a + jax.random.normal(jax.random.key(2), a.shape), init)
 
 
+@pytest.mark.parametrize("by_phase,kernel_grad", [
+    (False, "auto"), (False, "matmul"), (False, "conv"), (True, "auto"),
+    (True, "matmul"), (None, "auto")])
 @pytest.mark.parametrize("kernel,strides,padding,size", CASES)
-def test_sub_pixel_form_equals_conv_transpose(kernel, strides, padding, size):
+def test_sub_pixel_form_equals_conv_transpose(kernel, strides, padding, size,
+                                              by_phase, kernel_grad):
   """Same parameters (names, shapes, initial values), same outputs and same
-  gradients as nn.ConvTranspose, to float32 rounding."""
+  gradients as nn.ConvTranspose, to float32 rounding, as one convolution
+  or one per phase, whichever way the kernel gradients are computed."""
   x = jax.random.normal(jax.random.key(0), (2, *size, 3))
   reference = nn.ConvTranspose(4, kernel, strides=strides, padding=padding)
   sub_pixel = SubPixelConvTranspose(4, kernel, strides=strides,
-                                    padding=padding)
+                                    padding=padding, kernel_grad=kernel_grad,
+                                    by_phase=by_phase)
   variables = same_init_then_perturbed(reference, sub_pixel, x)
 
   @jax.jit
@@ -69,6 +75,30 @@ def test_sub_pixel_form_equals_conv_transpose(kernel, strides, padding, size):
                grads, grads_sub)
 
 
+def test_sub_pixel_windows_never_need_cropping():
+  """Both forms pad the input to each window and never crop it: for every
+  kernel up to 7, stride up to 4 and input size up to 6, "SAME" and
+  "VALID", the union's and every phase's padding is non-negative, and the
+  phases' taps cover each kernel tap exactly once."""
+  from gm_jax.convolutions import _phase_taps, _phase_windows
+  for padding in ("SAME", "VALID"):
+    for k in range(1, 8):
+      for s in range(1, 5):
+        for n in range(1, 7):
+          index, lo, windows, _ = _phase_taps(k, s, n, padding)
+          width = index.shape[1]
+          assert -lo >= 0 and windows - 1 + lo + width - 1 - (n - 1) >= 0
+          taps = []
+          for a, (first, count) in enumerate(_phase_windows(index, k)):
+            assert (index[a, :first] == k).all()
+            assert (index[a, first + count:] == k).all()
+            taps += list(index[a, first:first + count])
+            if count:
+              assert -(lo + first) >= 0
+              assert windows - 1 + lo + first + count - 1 - (n - 1) >= 0
+          assert sorted(taps) == list(range(k))
+
+
 def test_vae_decoder_keeps_its_parameter_names():
   """Checkpoints from before the rewrite restore: the decoder's parameters
   are still ConvTranspose_0/1 with the transposed kernels' shapes."""
@@ -84,6 +114,32 @@ def test_bad_padding_is_named():
   with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'"):
     SubPixelConvTranspose(2, (3, 3), padding="CIRCULAR").init(
         jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  with pytest.raises(ValueError, match="kernel_grad"):
+    SubPixelConvTranspose(2, (3, 3), kernel_grad="fast").init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU forms")
+@pytest.mark.parametrize("features,cin,convolutions", [(1, 32, 3), (32, 64, 12)])
+def test_sub_pixel_forms_on_cpu(features, cin, convolutions):
+  """The VAE decoder's 4x4 stride-2 layers on CPU: the 32 -> 1 head is one
+  stride-1 convolution (3 with its two gradients), the 64 -> 32 layer one
+  per phase (4 x 3: each phase uses 2 x 2 of the union's 3 x 3 taps), and
+  neither builds im2col patches (which cost 10x more for the head)."""
+  layer = SubPixelConvTranspose(features, (4, 4), strides=(2, 2))
+  x = jnp.ones((2, 7, 7, cin))
+  params = layer.init(jax.random.key(0), x)
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(layer.apply(p, x)))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  assert text.count("stablehlo.convolution") == convolutions
+  # No [B, H, W, taps x C] patches (the phases' outputs are interleaved by
+  # concatenating 5-D and 6-D arrays).
+  assert not re.findall(
+      r"stablehlo.concatenate .*-> tensor<\d+x\d+x\d+x\d+xf32>$", text,
+      re.M)
+  assert "stablehlo.dot_general" not in text
 
 
 CONV_CASES = [
