@@ -51,6 +51,24 @@ def reparameterize(mean: Array, log_std: Array, key: Array) -> Array:
   return mean + jnp.exp(log_std) * eps
 
 
+# On CPU, a bound's decoder sees at most this many rows (samples x images)
+# per call: XLA:CPU's convolutions ran several times slower per FLOP on
+# 10,000 rows than on 1,000 (the conv VAE's IWAE with k = 1000 on 100
+# images: 14.3 s in chunks of 100 samples, 8.2 s in chunks of 10;
+# benchmarks/README.md). Accelerators take every sample of a chunk at once.
+CPU_DECODER_ROWS = 1024
+
+
+def map_samples(fn: Callable[[Array], Array], z: Array) -> Array:
+  """``jax.vmap(fn)(z)`` over the samples of z [num, B, ...]; on CPU in
+  groups of at most ``CPU_DECODER_ROWS // B`` samples (``lax.map`` with a
+  batch size), the same values computed in smaller calls."""
+  num, batch = z.shape[:2]
+  if jax.default_backend() == "cpu" and num * batch > CPU_DECODER_ROWS:
+    return jax.lax.map(fn, z, batch_size=max(1, CPU_DECODER_ROWS // batch))
+  return jax.vmap(fn)(z)
+
+
 class LatentModel(NamedTuple):
   """A latent-variable model p(x, z) with its proposal q(z | x), as the
   bounds below see it.
@@ -95,7 +113,7 @@ def gaussian_latent_model(encode: Encoder,
     if num == 1:  # the same program as a plain one-sample call
       log_px = log_likelihood(x, z[0])[None]
     else:
-      log_px = jax.vmap(lambda zi: log_likelihood(x, zi))(z)  # [num, B]
+      log_px = map_samples(lambda zi: log_likelihood(x, zi), z)  # [num, B]
     if log_px.shape != log_q.shape:
       raise ValueError("log_likelihood(x, z) must return [B]; got shape"
                        f" {log_px.shape[1:]} for B={mean.shape[0]}.")
@@ -613,7 +631,7 @@ def make(model_config: ml_collections.ConfigDict) -> Family:
       log_p1 = jnp.sum(
           losses.gaussian_log_prob(h1, prior_mean1, prior_log_std1), -1)
       log_p2 = jnp.sum(losses.gaussian_log_prob(h2, 0.0, 0.0), -1)
-      log_px = jax.vmap(lambda h: log_likelihood(target, h))(h1)
+      log_px = map_samples(lambda h: log_likelihood(target, h), h1)
       return log_px, log_p1 + log_p2 - log_q1 - log_q2
 
     return LatentModel(single.encode, log_weights)
