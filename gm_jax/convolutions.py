@@ -26,28 +26,32 @@ function:
 
 * a 1x1 stride-1 convolution is a matrix product over the channel axis, and
   is written as one (its gradients are then matrix products too);
-* on the CPU backend, the gradient with respect to the kernel is computed as
-  the matrix product of the input's patches (im2col) with the output
-  gradient where that is faster (``cpu_matmul_kernel_grad``). XLA:CPU's own
-  kernel gradient falls off a cliff as the layer grows: for a 3x3 64 -> 64
-  convolution at 28x28 it took 56 ms at batch 16, 710 ms at 32 and 914 ms at
-  64, against 68 / 96 / 205 ms as a matrix product (2 cores, 2026-11-28).
-  Below the cliff the convolution wins, often by 2-4x, because building the
-  patches costs more than it saves. Measured (gradient of one layer, 2
-  cores, 2026-11-29; conv / matmul ms): 3x3 32 -> 32 at 14x14 B 32: 9.5 /
-  11.7, at 28x28 B 64: 66 / 158; 3x3 64 -> 64 at 32x32 B 16: 59 / 125,
-  at 28x28 B 32: 303 / 224, at 32x32 B 32: 631 / 243; 3x3 128 -> 128 at
-  8x8 B 128: 104 / 153, at 32x32 B 16: 804 / 308; 3x3 256 -> 256 at 32x32
-  B 16: 3,374 / 952; 4x4 stride 2 32 -> 64 at 14x14 B 128: 18 / 30; 3x3
-  64 -> 2: 32 / 242; Gated PixelCNN's 1x2 64 -> 128 at 28x28 B 64: 678 /
-  169, its 2x3 64 -> 128: 1,382 / 365. The rule that fits all of them: both
-  channel counts >= 64, at least 16,384 output positions (batch x height x
-  width) and positions x the smaller channel count >= 1.5e6, whatever the
-  kernel size. The cliff depends on the machine: where it is absent,
-  ``$GM_JAX_CPU_KERNEL_GRAD=conv`` keeps every kernel gradient a
-  convolution ("matmul" makes every one a matrix product; "rule", the
-  default, applies the rule). The input gradient and
-  the forward convolution stay convolutions (they are fast);
+* on the CPU backend, the gradient with respect to the kernel is a
+  convolution over groups of images (``kernel_grad_group``), summed.
+  XLA:CPU's kernel gradient falls off a cliff as the layer grows (a large
+  reduction over batch x height x width): for a 3x3 64 -> 64 convolution
+  at 28x28 it took 56 ms at batch 16, 710 ms at 32 and 914 ms at 64 on
+  the machine of 2026-11-28, and 920 ms for 3x3 128 -> 128 at 32x32 batch
+  128 on an AVX-512 machine on 2026-11-29, 260-275 ms in groups. The
+  earlier remedy, the im2col matrix product (patches^T @ dy, 68 / 96 / 205
+  ms in the first example), is kept as an option: ``$GM_JAX_CPU_KERNEL_GRAD``
+  is "conv" (the default: grouped convolutions), "rule" (the matrix
+  product where ``cpu_matmul_kernel_grad`` says the ungrouped convolution
+  falls off its cliff: both channel counts >= 64, >= 16,384 output
+  positions and positions x the smaller channel count >= 1.5e6, fitted to
+  these figures, conv / matmul ms, 2 cores, 2026-11-29 morning: 3x3
+  32 -> 32 at 14x14 B 32: 9.5 / 11.7, at 28x28 B 64: 66 / 158; 3x3 64 ->
+  64 at 32x32 B 16: 59 / 125, at 28x28 B 32: 303 / 224, at 32x32 B 32:
+  631 / 243; 3x3 128 -> 128 at 8x8 B 128: 104 / 153, at 32x32 B 16: 804
+  / 308; 3x3 256 -> 256 at 32x32 B 16: 3,374 / 952; 4x4 stride 2 32 -> 64
+  at 14x14 B 128: 18 / 30; 3x3 64 -> 2: 32 / 242; Gated PixelCNN's 1x2
+  64 -> 128 at 28x28 B 64: 678 / 169, its 2x3 64 -> 128: 1,382 / 365) or
+  "matmul" (every kernel gradient a matrix product). Groups are sized to
+  stay under that machine's cliff (<= 1e6 positions x channels, where the
+  convolution won there), and on the AVX-512 machine the grouped
+  convolution beat the matrix product on every layer the rule sends to
+  it, by 1.2-2.2x (benchmarks/README.md). The input gradient and the
+  forward convolution stay whole convolutions (they are fast);
 * on the CPU backend, the derivative is written out (``cpu_conv``) so that
   every gradient convolution is already in XLA:CPU's canonical NHWC / HWIO
   form. XLA canonicalises JAX's permuted gradient convolutions itself, but
@@ -224,28 +228,27 @@ class SubPixelConvTranspose(nn.Module):
     return y
 
 
-# The environment variable that overrides the rule below for every "auto"
-# layer: "rule" (the default), "conv" or "matmul". The cliff is a property
-# of the machine: on an AVX-512 EPYC (2026-11-29, evening) XLA:CPU's own
-# kernel gradient was faster than the matrix product for every layer the
-# rule sends to it but Gated PixelCNN's 1x2 and 2x3 ones (benchmarks/
-# README.md), so there "conv" trains PixelCNN 1.29x and DDPM 1.07x faster.
+# The environment variable that chooses the kernel gradient of every
+# "auto" layer on CPU: "conv" (the default; grouped convolutions), "rule"
+# (the im2col matrix product past ``cpu_matmul_kernel_grad``'s cliff) or
+# "matmul" (always the matrix product); see the module docstring.
 CPU_KERNEL_GRAD_ENV = "GM_JAX_CPU_KERNEL_GRAD"
-CPU_KERNEL_GRAD_CHOICES = ("rule", "conv", "matmul")
+CPU_KERNEL_GRAD_CHOICES = ("conv", "rule", "matmul")
 
 
 def cpu_kernel_grad_choice() -> str:
   """The kernel-gradient choice of the CPU backend's "auto" layers, from
   ``$GM_JAX_CPU_KERNEL_GRAD`` (read when a layer is traced)."""
-  value = os.environ.get(CPU_KERNEL_GRAD_ENV, "rule") or "rule"
+  value = os.environ.get(CPU_KERNEL_GRAD_ENV, "conv") or "conv"
   if value not in CPU_KERNEL_GRAD_CHOICES:
     raise ValueError(f"{CPU_KERNEL_GRAD_ENV}={value!r}: expected one of"
                      f" {CPU_KERNEL_GRAD_CHOICES}.")
   return value
 
 
-# Where, on CPU, a kernel gradient is computed as an im2col matrix product
-# (see the module docstring for the measurements behind these).
+# Where, with $GM_JAX_CPU_KERNEL_GRAD=rule, a kernel gradient is computed as
+# an im2col matrix product (see the module docstring for the measurements
+# behind these).
 CPU_MATMUL_MIN_CHANNELS = 64
 CPU_MATMUL_MIN_POSITIONS = 16_384
 CPU_MATMUL_MIN_POSITION_CHANNELS = 1.5e6
@@ -262,6 +265,30 @@ def cpu_matmul_kernel_grad(positions: int, kernel_hw: Sequence[int],
   return (channels >= CPU_MATMUL_MIN_CHANNELS
           and positions >= CPU_MATMUL_MIN_POSITIONS
           and positions * channels >= CPU_MATMUL_MIN_POSITION_CHANNELS)
+
+# cpu_conv's kernel gradient as a convolution runs over images in groups
+# of at most this many output positions (batch x height x width), and at
+# most CPU_KERNEL_GRAD_GROUP_WORK / min(Cin, Cout): XLA:CPU's kernel
+# gradient slows down per FLOP past that, and the sum of the groups'
+# gradients is the same gradient. Kernel gradients alone (2 cores,
+# AVX-512, 2026-11-29), whole / in groups: 3x3 128 -> 128 at 32x32 batch
+# 128: 920 / 260-275 ms; 3x3 256 -> 256 at 16x16 batch 128: 417 ms in
+# groups of 16,384 positions, 230-268 ms in groups of 2,048-8,192; 3x3
+# 64 -> 64 at 28x28 batch 64: 56 / 28-31 ms. The second bound keeps each
+# group under the cliff of the machine the im2col rule above was fitted on
+# (positions x channels >= 1.5e6). The input gradient and the forward
+# convolution do not gain, so they stay whole.
+CPU_KERNEL_GRAD_GROUP_POSITIONS = 16_384
+CPU_KERNEL_GRAD_GROUP_WORK = 1e6
+
+
+def kernel_grad_group(positions_per_image: int, in_channels: int,
+                      out_channels: int) -> int:
+  """Images per group of cpu_conv's kernel gradient as a convolution."""
+  limit = min(CPU_KERNEL_GRAD_GROUP_POSITIONS,
+              CPU_KERNEL_GRAD_GROUP_WORK / min(in_channels, out_channels))
+  return max(1, int(limit) // positions_per_image)
+
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -339,9 +366,14 @@ def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
       dy = dy + jnp.dot(patches, dkernel.reshape(kh * kw * cin, cout),
                         precision=precision)
     else:
-      dy = dy + _conv_specs(
-          x.transpose(3, 1, 2, 0), dkernel.transpose(2, 0, 1, 3), strides,
-          padding, precision, ("CHWN", "IHWO", "HWNC")).transpose(2, 0, 1, 3)
+      # In groups of images: reverse mode sums the groups' kernel
+      # gradients (see CPU_KERNEL_GRAD_GROUP_POSITIONS).
+      group = kernel_grad_group(y.shape[1] * y.shape[2], cin, cout)
+      dy = dy + jnp.concatenate([_conv_specs(
+          x[start:start + group].transpose(3, 1, 2, 0),
+          dkernel.transpose(2, 0, 1, 3), strides, padding, precision,
+          ("CHWN", "IHWO", "HWNC")).transpose(2, 0, 1, 3)
+          for start in range(0, x.shape[0], group)], axis=0)
   return y, dy
 
 

@@ -188,13 +188,16 @@ def test_conv_equals_flax_conv(kernel, strides, padding, masked, kernel_grad):
   close(jvp_fast, jvp)
 
 
-def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
-  """On CPU a layer past the kernel gradient's cliff (many channels, many
-  positions) takes its kernel gradient as a matrix product in the compiled
-  step (a dot with the patch dimension); a smaller one keeps XLA's
-  convolution. Only lowered, never run."""
+def test_the_rule_chooses_the_matmul_kernel_gradient_past_the_cliff(
+    monkeypatch):
+  """With $GM_JAX_CPU_KERNEL_GRAD=rule, on CPU, a layer past the kernel
+  gradient's cliff (many channels, many positions) takes its kernel
+  gradient as a matrix product in the compiled step (a dot with the patch
+  dimension); a smaller one keeps the (grouped) convolution. Only
+  lowered, never run."""
   if jax.default_backend() != "cpu":
     pytest.skip("the rule only applies on the CPU backend")
+  monkeypatch.setenv(convolutions.CPU_KERNEL_GRAD_ENV, "rule")
 
   def hlo(shape, features):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -214,20 +217,24 @@ def test_conv_chooses_the_matmul_kernel_gradient_where_it_is_faster():
     text = hlo(shape, features)
     assert ("x576x" in text or f"x{9 * shape[-1]}x" in text) == matmul, shape
     assert ("dot_general" in text) == matmul, shape
-    assert text.count("stablehlo.convolution") == (1 if matmul else 2), shape
+    # The forward convolution and the kernel gradient's, in groups.
+    groups = -(-shape[0] // convolutions.kernel_grad_group(
+        shape[1] * shape[2], shape[3], features))
+    assert text.count("stablehlo.convolution") == (
+        1 if matmul else 1 + groups), shape
   assert convolutions.cpu_matmul_kernel_grad(25_088, (3, 3), 64, 64)
   assert convolutions.cpu_matmul_kernel_grad(50_176, (1, 2), 64, 128)
   assert not convolutions.cpu_matmul_kernel_grad(6_272, (4, 4), 32, 64)
 
 
 @pytest.mark.parametrize("choice,matmuls", [
-    ("", (True, False)), ("rule", (True, False)), ("conv", (False, False)),
+    ("", (False, False)), ("rule", (True, False)), ("conv", (False, False)),
     ("matmul", (True, True))])
 def test_kernel_gradient_choice_follows_the_environment(monkeypatch, choice,
                                                         matmuls):
-  """$GM_JAX_CPU_KERNEL_GRAD overrides the rule for "auto" layers, read at
-  trace time; a layer's own kernel_grad still wins; a misspelt value is
-  named."""
+  """$GM_JAX_CPU_KERNEL_GRAD chooses for "auto" layers (grouped
+  convolutions by default), read at trace time; a layer's own kernel_grad
+  still wins; a misspelt value is named."""
   if jax.default_backend() != "cpu":
     pytest.skip("the choice only applies on the CPU backend")
   monkeypatch.setenv(convolutions.CPU_KERNEL_GRAD_ENV, choice)
@@ -242,9 +249,42 @@ def test_kernel_gradient_choice_follows_the_environment(monkeypatch, choice,
   assert has_matmul((32, 32, 32, 64), 64) == matmuls[0]
   assert has_matmul((128, 8, 8, 128), 128) == matmuls[1]
   assert not has_matmul((32, 32, 32, 64), 64, kernel_grad="conv")
+  assert has_matmul((128, 8, 8, 128), 128, kernel_grad="matmul")
   monkeypatch.setenv(convolutions.CPU_KERNEL_GRAD_ENV, "im2col")
   with pytest.raises(ValueError, match="GM_JAX_CPU_KERNEL_GRAD='im2col'"):
     has_matmul((32, 32, 32, 64), 64)
+
+
+def test_kernel_gradient_runs_in_groups_of_images(monkeypatch):
+  """The kernel gradient as a convolution is the sum of per-group kernel
+  gradients: with groups of 2 images of a batch of 5 (3 groups), the
+  compiled gradient has 3 kernel-gradient convolutions and equals JAX's
+  own derivative; group sizes follow positions and channels."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("cpu_conv is the CPU backend's")
+  assert convolutions.kernel_grad_group(32 * 32, 128, 128) == 7
+  assert convolutions.kernel_grad_group(28 * 28, 64, 64) == 19
+  assert convolutions.kernel_grad_group(28 * 28, 32, 64) == 20
+  assert convolutions.kernel_grad_group(64 * 64, 512, 512) == 1
+  monkeypatch.setattr(convolutions, "CPU_KERNEL_GRAD_GROUP_POSITIONS", 200)
+  x = jax.random.normal(jax.random.key(0), (5, 10, 10, 3))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  r = jax.random.normal(jax.random.key(2), (5, 10, 10, 4))
+
+  def loss(kernel, x, mode):
+    if mode == "xla":
+      y = convolutions._lax_conv(x, kernel, (1, 1), ((1, 1), (1, 1)), None)
+    else:
+      y = convolutions.cpu_conv(x, kernel, (1, 1), ((1, 1), (1, 1)), None,
+                                "conv")
+    return jnp.sum(jnp.sin(y * r))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  text = grad.lower(kernel, x, "conv").as_text()
+  # The forward, the input gradient and 3 kernel-gradient groups.
+  assert text.count("stablehlo.convolution") == 5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5),
+               grad(kernel, x, "conv"), grad(kernel, x, "xla"))
 
 
 @pytest.mark.parametrize("kernel_grad", ["conv", "matmul"])
