@@ -258,8 +258,9 @@ def test_kernel_gradient_choice_follows_the_environment(monkeypatch, choice,
 def test_kernel_gradient_runs_in_groups_of_images(monkeypatch):
   """The kernel gradient as a convolution is the sum of per-group kernel
   gradients: with groups of 2 images of a batch of 5 (3 groups), the
-  compiled gradient has 3 kernel-gradient convolutions and equals JAX's
-  own derivative; group sizes follow positions and channels."""
+  compiled gradient has 3 kernel-gradient convolutions, or a loop over the
+  2 whole groups and one for the last image, and equals JAX's own
+  derivative; group sizes follow positions and channels."""
   if jax.default_backend() != "cpu":
     pytest.skip("cpu_conv is the CPU backend's")
   assert convolutions.kernel_grad_group(32 * 32, 128, 128) == 7
@@ -282,6 +283,21 @@ def test_kernel_gradient_runs_in_groups_of_images(monkeypatch):
   text = grad.lower(kernel, x, "conv").as_text()
   # The forward, the input gradient and 3 kernel-gradient groups.
   assert text.count("stablehlo.convolution") == 5
+  assert "stablehlo.while" not in text
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5),
+               grad(kernel, x, "conv"), grad(kernel, x, "xla"))
+  # Past CPU_KERNEL_GRAD_UNROLL whole groups, a loop over them (one
+  # convolution in its body) and the rest: the same gradient.
+  monkeypatch.setattr(convolutions, "CPU_KERNEL_GRAD_UNROLL", 1)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  text = grad.lower(kernel, x, "conv").as_text()
+  assert "stablehlo.while" in text
+  assert text.count("stablehlo.convolution") == 4
+  # Canonical inside the loop too (XLA:CPU's fast path; see cpu_conv).
+  compiled = grad.lower(kernel, x, "conv").compile().as_text()
+  assert set(re.findall(r"dim_labels=(\S+?),", compiled)) == {
+      "b01f_01io->b01f"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5),
                grad(kernel, x, "conv"), grad(kernel, x, "xla"))
