@@ -723,8 +723,9 @@ class CompileAhead:
   """Compiles a jitted function for given argument specs in a thread.
 
   The trainer compiles its train step while the main thread initialises
-  (compiling and running the init) or restores: on 2 cores the first step
-  of ``iddpm_cifar10`` then waits for max(init, step) instead of their sum
+  (compiling and running the init) or, resuming, catches up on what was
+  due at the restored step: on 2 cores the first step of
+  ``iddpm_cifar10`` waited 30.6-32.0 s instead of 38.0-38.7 s
   (benchmarks/README.md, "Compilation"). The compiled executable lands in
   the jitted function's cache, so the first call with arguments of these
   shapes, dtypes and shardings runs it without compiling again.
