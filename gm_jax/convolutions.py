@@ -162,7 +162,6 @@ class SubPixelConvTranspose(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_kernel_grad(self.kernel_grad)
     (kh, kw), (sh, sw) = self.kernel_size, self.strides
     batch, h, w, cin = x.shape
     kernel = self.param("kernel", self.kernel_init,
@@ -402,12 +401,6 @@ def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
 KERNEL_GRADS = ("auto", "matmul", "conv", "xla")
 
 
-def _check_kernel_grad(kernel_grad: str) -> None:
-  if kernel_grad not in KERNEL_GRADS:
-    raise ValueError("kernel_grad must be 'auto', 'matmul', 'conv' or "
-                     f"'xla', got {kernel_grad!r}.")
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: Sequence[tuple[int, int]], precision=None,
            kernel_grad: str = "auto") -> jax.Array:
@@ -418,7 +411,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   ``$GM_JAX_CPU_KERNEL_GRAD`` and ``cpu_matmul_kernel_grad``; "matmul",
   "conv"; "xla": JAX's own derivative). ``Conv`` and
   ``SubPixelConvTranspose`` both compute their convolution here."""
-  _check_kernel_grad(kernel_grad)
+  if kernel_grad not in KERNEL_GRADS:
+    raise ValueError("kernel_grad must be 'auto', 'matmul', 'conv' or "
+                     f"'xla', got {kernel_grad!r}.")
   kh, kw = kernel.shape[:2]
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0),) * 2:
@@ -465,7 +460,6 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"Conv expects NHWC input, got shape {x.shape}.")
-    _check_kernel_grad(self.kernel_grad)
     kh, kw = self.kernel_size
     strides = self.strides if self.strides is not None else 1
     strides = ((int(strides),) * 2 if isinstance(strides, int)
