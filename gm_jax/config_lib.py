@@ -111,6 +111,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.fid_samples = 1000
   config.train.fid_classifier_steps = 0
   config.train.compilation_cache_dir = "~/.cache/gm_jax/jax_compilation_cache"
+  # On the CPU backend, the library that runs the convolutions of every
+  # jitted function of the run: "eigen" (XLA:CPU's own, YNNPACK keeping the
+  # matrix products and reductions; faster for most of these models) or
+  # "ynnpack" (XLA's default, faster for flows' few-channel coupling
+  # outputs). The same function, rounded differently; accelerators ignore
+  # it. See gm_jax.convolutions.cpu_compiler_options.
+  config.train.cpu_convolutions = "eigen"
 
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every_steps = 1_000
@@ -293,6 +300,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"train.sample_every={config.train.sample_every} must be >= 0 (0: off).")
   need(config.train.fid_every >= 0,
        f"train.fid_every={config.train.fid_every} must be >= 0 (0: off).")
+  need(config.train.cpu_convolutions in ("eigen", "ynnpack"),
+       f"train.cpu_convolutions={config.train.cpu_convolutions!r} must be"
+       " 'eigen' or 'ynnpack'.")
   need(config.train.fid_samples >= 2,
        f"train.fid_samples={config.train.fid_samples} must be >= 2.")
   need(config.train.fid_classifier_steps >= 0,

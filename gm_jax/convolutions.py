@@ -61,11 +61,18 @@ function:
 
 Accelerators keep XLA's convolutions unchanged (cuDNN's kernel gradients are
 fast); the choice is made at trace time from ``jax.default_backend()``.
+
+Which library runs the convolutions is a compile option, not a formulation:
+XLA:CPU hands convolutions, matrix products and reductions to YNNPACK, and
+for most of these models' convolutions its own (Eigen) convolution is
+faster. ``cpu_compiler_options`` is what gm_jax's jits compile with
+(``train.cpu_convolutions``, see there).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -526,3 +533,53 @@ class WeightNormed(nn.Module):
       bias = self.param("bias", nn.initializers.zeros, (features,),
                         jnp.float32)
     return t * scale.astype(t.dtype) + bias.astype(t.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Which library runs XLA:CPU's convolutions.
+
+# "eigen": XLA:CPU's own convolution, with YNNPACK kept for matrix products
+# and reductions; "ynnpack": XLA's default, YNNPACK for all three. Forward /
+# forward + both gradients, ms, 2 cores (AMD EPYC, AVX-512, 2026-11-29),
+# YNNPACK -> Eigen: 3x3 64 -> 64 at 32x32 batch 16: 12.8 / 40.3 -> 7.1 /
+# 22.9; at 28x28 batch 64: 39.5 / 137 -> 21.5 / 83.4; 4x4 64 -> 64 at 14x14
+# batch 128: 34.4 / 111 -> 18.5 / 59.2; 3x3 128 -> 128 at 32x32 batch 16:
+# 25.7 / 84.3 -> 24.9 / 77.0. Eigen loses where few output channels meet
+# many inputs, as in every coupling layer's output convolution of a flow:
+# 3x3 128 -> 4 at 14x14 batch 32: 1.0 / 4.7 -> 2.1 / 7.0. Whole steps are in
+# benchmarks/README.md ("seventh pass").
+CPU_CONVOLUTIONS = ("eigen", "ynnpack")
+_YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_WITHOUT_CONVOLUTIONS = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                             "LIBRARY_FUSION_TYPE_REDUCE")
+
+
+def cpu_compiler_options(convolutions: str) -> Optional[dict[str, str]]:
+  """The ``compiler_options`` of a ``jax.jit`` whose convolutions run on
+  ``convolutions`` ("eigen" or "ynnpack", see ``CPU_CONVOLUTIONS``); None
+  (XLA's defaults) off CPU, for "ynnpack", when ``$XLA_FLAGS`` already sets
+  the library fusions (the user's own choice wins), or when this jaxlib
+  does not take the option (a warning says so, once)."""
+  if convolutions not in CPU_CONVOLUTIONS:
+    raise ValueError(f"cpu_convolutions={convolutions!r}: expected one of"
+                     f" {CPU_CONVOLUTIONS}.")
+  if (convolutions == "ynnpack" or jax.default_backend() != "cpu"
+      or _YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", "")):
+    return None
+  return _eigen_convolution_options()
+
+
+@functools.cache
+def _eigen_convolution_options() -> Optional[dict[str, str]]:
+  """The option that keeps convolutions out of YNNPACK, if this jaxlib
+  compiles with it (an experimental option that a release may rename)."""
+  options = {_YNN_FUSION_OPTION: _YNN_WITHOUT_CONVOLUTIONS}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(
+        np.float32(0)).compile()
+  except Exception as e:  # noqa: BLE001 -- any refusal means: not supported
+    logging.warning("This jaxlib does not take the compile option %s (%s);"
+                    " convolutions stay on XLA's default library.",
+                    _YNN_FUSION_OPTION, str(e).splitlines()[0])
+    return None
+  return options

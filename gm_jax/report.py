@@ -80,7 +80,8 @@ SAMPLES_FIGURE = "samples.png"  # every run's grid side by side, labelled
 REPORT_FILES = ("report.md", "report.html", "curves.png", SAMPLES_FIGURE)
 # Keys that do not change what a run trains: a finished run whose config
 # differs from the requested one only here is reused.
-_IGNORED_KEYS = ("train.compilation_cache_dir", "train.fid_every",
+_IGNORED_KEYS = ("train.compilation_cache_dir", "train.cpu_convolutions",
+                 "train.fid_every",
                  "train.fid_samples", "train.fid_classifier_steps",
                  "train.sample_every", "train.num_samples",
                  "train.curve_eval_examples")

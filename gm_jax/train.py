@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from gm_jax import checkpoint as checkpoint_lib
-from gm_jax import config_lib, input_pipeline
+from gm_jax import config_lib, convolutions, input_pipeline
 from gm_jax import metrics as metrics_lib
 from gm_jax import sharding as sharding_lib
 from gm_jax.families import make_family, with_model_defaults
@@ -307,29 +307,34 @@ def build(config: ml_collections.ConfigDict,
   data_in = (replicated, batched, replicated)
   init_batched = input_pipeline.init_sharding(
       config.train.batch_size, config.train.init_batch_size, mesh)
+  # Every function of the run compiles with the same options (on CPU: the
+  # library of its convolutions), so that evaluation and sampling run on
+  # the kernels that training ran on.
+  options = convolutions.cpu_compiler_options(config.train.cpu_convolutions)
+
+  def synced_jit(fn, name, **jit_kwargs):
+    return sharding_lib.SyncedJit(fn, name, compiler_options=options,
+                                  **jit_kwargs)
+
   visualize = None
   if family.visualize is not None:
-    visualize = sharding_lib.SyncedJit(
-        family.visualize, "visualize", in_shardings=data_in,
-        out_shardings=replicated)
+    visualize = synced_jit(family.visualize, "visualize",
+                           in_shardings=data_in, out_shardings=replicated)
   return Built(
       config=config, family=family, mesh=mesh, tx=tx,
       abstract_state=abstract_state,
-      init=sharding_lib.SyncedJit(init_fn, "init",
-                                  in_shardings=(replicated, init_batched),
-                                  out_shardings=replicated),
-      train_step=sharding_lib.SyncedJit(
+      init=synced_jit(init_fn, "init", in_shardings=(replicated, init_batched),
+                      out_shardings=replicated),
+      train_step=synced_jit(
           make_train_step(family, tx, schedule, config.optim.ema_decay,
                           config.optim.l2_penalty,
                           config.optim.grad_accumulation), "train_step",
           in_shardings=data_in, out_shardings=(replicated, replicated),
           donate_argnums=(0,)),
-      evaluate=sharding_lib.SyncedJit(family.evaluate, "evaluate",
-                                      in_shardings=data_in,
-                                      out_shardings=replicated),
-      sample=sharding_lib.SyncedJit(family.sample, "sample",
-                                    static_argnums=(2,),
-                                    out_shardings=replicated),
+      evaluate=synced_jit(family.evaluate, "evaluate", in_shardings=data_in,
+                          out_shardings=replicated),
+      sample=synced_jit(family.sample, "sample", static_argnums=(2,),
+                        out_shardings=replicated),
       visualize=visualize)
 
 

@@ -255,6 +255,47 @@ def test_kernel_gradient_choice_follows_the_environment(monkeypatch, choice,
     has_matmul((32, 32, 32, 64), 64)
 
 
+def _entry(compiled_text: str) -> str:
+  """The entry computation of a compiled HLO module's text."""
+  return compiled_text.split("\nENTRY ", 1)[1].split("\n}", 1)[0]
+
+
+def test_convolution_library_is_a_compile_option(monkeypatch):
+  """cpu_compiler_options("eigen") takes the convolutions out of YNNPACK's
+  fusions and leaves it the matrix products; "ynnpack" is XLA's default;
+  the values agree; $XLA_FLAGS naming the library fusions wins; a misspelt
+  choice is named."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the option only applies on the CPU backend")
+  # (YNNPACK leaves a much smaller convolution to XLA anyway.)
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) * 0.1
+  m = jax.random.normal(jax.random.key(2), (64, 64))
+
+  def f(x, w, m):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO",
+                                                        "NHWC"))
+    return y, m @ m
+
+  eigen = convolutions.cpu_compiler_options("eigen")
+  assert eigen is not None, "this jaxlib no longer takes the option"
+  assert convolutions.cpu_compiler_options("ynnpack") is None
+  results = {}
+  for name, options in (("eigen", eigen), ("ynnpack", None)):
+    jitted = jax.jit(f, compiler_options=options)
+    entry = _entry(jitted.lower(x, w, m).compile().as_text())
+    assert (" convolution(" in entry) == (name == "eigen")
+    assert "ynn_fusion" in entry  # the matrix product stays in YNNPACK
+    results[name] = jitted(x, w, m)
+  for a, b in zip(results["eigen"], results["ynnpack"], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert convolutions.cpu_compiler_options("eigen") is None
+  with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
+    convolutions.cpu_compiler_options("mkl")
+
+
 def test_kernel_gradient_runs_in_groups_of_images(monkeypatch):
   """The kernel gradient as a convolution is the sum of per-group kernel
   gradients: with groups of 2 images of a batch of 5 (3 groups), the

@@ -3,6 +3,7 @@ SIGTERM, a second trainer), mismatching configs and errors."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -459,6 +460,8 @@ def test_init_sees_the_first_init_batch_size_examples(
     (lambda c: c.train.update(sample_every=-1), "train.sample_every=-1"),
     (lambda c: c.train.update(curve_eval_examples=0),
      "train.curve_eval_examples=0"),
+    (lambda c: c.train.update(cpu_convolutions="mkl"),
+     "train.cpu_convolutions='mkl' must be 'eigen' or 'ynnpack'"),
 ])
 def test_bad_config_values_are_named(tmp_path, change, message):
   config = smoke_config()
@@ -466,6 +469,46 @@ def test_bad_config_values_are_named(tmp_path, change, message):
   change(config)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def ynnpack_convolutions(compiled_text: str) -> int:
+  """How many of a compiled HLO module's YNNPACK fusions hold a
+  convolution."""
+  bodies = dict(re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}",
+                           compiled_text, re.S))
+  return sum(" convolution(" in bodies.get(name, "") for name in re.findall(
+      r"%ynn_fusion[\w.]* = [^\n]*calls=(%[\w.\-]+)", compiled_text))
+
+
+@pytest.mark.parametrize("library", ["eigen", "ynnpack"])
+def test_every_function_of_the_run_compiles_with_the_convolution_library(
+    library):
+  """train.cpu_convolutions reaches the jitted functions that build makes:
+  with "eigen" the convolutions of the train step and of the evaluation
+  are XLA's own instructions, with "ynnpack" they are inside YNNPACK
+  fusions."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the option only applies on the CPU backend")
+  config = smoke_config(cpu_convolutions=library)
+  config.unlock()
+  config.model.architecture = "conv"
+  config.model.conv_channels = (32, 32)  # big enough for YNNPACK to take
+  config.lock()
+  built = train.build(config)
+  shape = (config.train.batch_size,) + tuple(config.model.image_shape)
+  batch = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
+           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+  key = jax.random.PRNGKey(0)
+  for compiled in (built.train_step.lower(built.abstract_state, batch,
+                                          key).compile(),
+                   built.evaluate.lower(built.abstract_state.params, batch,
+                                        key).compile()):
+    text = compiled.as_text()
+    in_ynnpack = ynnpack_convolutions(text)
+    everywhere = len(re.findall(r" convolution\(", text))
+    assert everywhere > 0
+    assert (in_ynnpack == 0) == (library == "eigen"), (in_ynnpack,
+                                                        everywhere)
 
 
 def test_cadence_of_outputs():
