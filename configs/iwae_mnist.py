@@ -56,6 +56,12 @@ def get_config(arg=None):
     config.model.top_hidden_sizes = (100, 100)
   config.train.eval_every = 1_000_000
   config.train.sample_every = 1_000_000
+  # On CPU, the importance samples' matrix products run faster on XLA's own
+  # kernels than on YNNPACK: k = 50 trained 760 -> 1,080 images/s, k = 5
+  # 4,800 -> 5,600; k = 1 ran 12,200 -> 9,800, so it keeps the default (2
+  # cores, 2026-11-29, benchmarks/README.md, eighth pass).
+  if config.model.train_samples > 1:
+    config.train.cpu_convolutions = "xla"
 
   if "smoke" in args:
     config_lib.apply_smoke(config)

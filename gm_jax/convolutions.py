@@ -65,8 +65,10 @@ fast); the choice is made at trace time from ``jax.default_backend()``.
 Which library runs the convolutions is a compile option, not a formulation:
 XLA:CPU hands convolutions, matrix products and reductions to YNNPACK, and
 for most of these models' convolutions its own (Eigen) convolution is
-faster. ``cpu_compiler_options`` is what gm_jax's jits compile with
-(``train.cpu_convolutions``, see there).
+faster; without gradients (evaluation, sampling) XLA's own kernels for the
+rest are faster too. ``cpu_compiler_options`` is what gm_jax's jits compile
+with (``train.cpu_convolutions`` and ``train.cpu_forward_convolutions``,
+see there).
 """
 
 from __future__ import annotations
@@ -539,47 +541,53 @@ class WeightNormed(nn.Module):
 # Which library runs XLA:CPU's convolutions.
 
 # "eigen": XLA:CPU's own convolution, with YNNPACK kept for matrix products
-# and reductions; "ynnpack": XLA's default, YNNPACK for all three. Forward /
-# forward + both gradients, ms, 2 cores (AMD EPYC, AVX-512, 2026-11-29),
-# YNNPACK -> Eigen: 3x3 64 -> 64 at 32x32 batch 16: 12.8 / 40.3 -> 7.1 /
-# 22.9; at 28x28 batch 64: 39.5 / 137 -> 21.5 / 83.4; 4x4 64 -> 64 at 14x14
-# batch 128: 34.4 / 111 -> 18.5 / 59.2; 3x3 128 -> 128 at 32x32 batch 16:
-# 25.7 / 84.3 -> 24.9 / 77.0. Eigen loses where few output channels meet
-# many inputs, as in every coupling layer's output convolution of a flow:
-# 3x3 128 -> 4 at 14x14 batch 32: 1.0 / 4.7 -> 2.1 / 7.0. Whole steps are in
-# benchmarks/README.md ("seventh pass").
-CPU_CONVOLUTIONS = ("eigen", "ynnpack")
+# and reductions; "ynnpack": XLA's default, YNNPACK for all three; "xla":
+# YNNPACK off, XLA's own kernels for all three. Forward / forward + both
+# gradients, ms, 2 cores (AMD EPYC, AVX-512, 2026-11-29), YNNPACK -> Eigen:
+# 3x3 64 -> 64 at 32x32 batch 16: 12.8 / 40.3 -> 7.1 / 22.9; at 28x28 batch
+# 64: 39.5 / 137 -> 21.5 / 83.4; 4x4 64 -> 64 at 14x14 batch 128: 34.4 /
+# 111 -> 18.5 / 59.2; 3x3 128 -> 128 at 32x32 batch 16: 25.7 / 84.3 -> 24.9
+# / 77.0. Eigen loses where few output channels meet many inputs, as in
+# every coupling layer's output convolution of a flow: 3x3 128 -> 4 at
+# 14x14 batch 32: 1.0 / 4.7 -> 2.1 / 7.0. Without gradients, YNNPACK's
+# matrix products and reductions stop paying as well: "xla" evaluated the
+# IWAE bound (k = 1000, conv VAE) in 5.46 s against "eigen"'s 5.94 s, and
+# ran DDIM-50 in 7.94 against 8.88 s. Whole steps are in
+# benchmarks/README.md ("seventh pass", "eighth pass").
+CPU_CONVOLUTIONS = ("eigen", "ynnpack", "xla")
 _YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-_YNN_WITHOUT_CONVOLUTIONS = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-                             "LIBRARY_FUSION_TYPE_REDUCE")
+_YNN_FUSION_TYPES = {
+    "eigen": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+    "xla": "",  # no fusion type: nothing goes to YNNPACK
+}
 
 
 def cpu_compiler_options(convolutions: str) -> Optional[dict[str, str]]:
   """The ``compiler_options`` of a ``jax.jit`` whose convolutions run on
-  ``convolutions`` ("eigen" or "ynnpack", see ``CPU_CONVOLUTIONS``); None
-  (XLA's defaults) off CPU, for "ynnpack", when ``$XLA_FLAGS`` already sets
-  the library fusions (the user's own choice wins), or when this jaxlib
-  does not take the option (a warning says so, once)."""
+  ``convolutions`` ("eigen", "ynnpack" or "xla", see ``CPU_CONVOLUTIONS``);
+  None (XLA's defaults) off CPU, for "ynnpack", when ``$XLA_FLAGS`` already
+  sets the library fusions (the user's own choice wins), or when this
+  jaxlib does not take the option (a warning says so, once)."""
   if convolutions not in CPU_CONVOLUTIONS:
     raise ValueError(f"cpu_convolutions={convolutions!r}: expected one of"
                      f" {CPU_CONVOLUTIONS}.")
   if (convolutions == "ynnpack" or jax.default_backend() != "cpu"
       or _YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", "")):
     return None
-  return _eigen_convolution_options()
+  return _library_options(_YNN_FUSION_TYPES[convolutions])
 
 
 @functools.cache
-def _eigen_convolution_options() -> Optional[dict[str, str]]:
-  """The option that keeps convolutions out of YNNPACK, if this jaxlib
+def _library_options(fusion_types: str) -> Optional[dict[str, str]]:
+  """The option that gives YNNPACK only ``fusion_types``, if this jaxlib
   compiles with it (an experimental option that a release may rename)."""
-  options = {_YNN_FUSION_OPTION: _YNN_WITHOUT_CONVOLUTIONS}
+  options = {_YNN_FUSION_OPTION: fusion_types}
   try:
     jax.jit(lambda x: x + 1, compiler_options=options).lower(
         np.float32(0)).compile()
   except Exception as e:  # noqa: BLE001 -- any refusal means: not supported
     logging.warning("This jaxlib does not take the compile option %s (%s);"
-                    " convolutions stay on XLA's default library.",
+                    " the kernels stay XLA's default ones.",
                     _YNN_FUSION_OPTION, str(e).splitlines()[0])
     return None
   return options

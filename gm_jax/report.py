@@ -81,6 +81,7 @@ REPORT_FILES = ("report.md", "report.html", "curves.png", SAMPLES_FIGURE)
 # Keys that do not change what a run trains: a finished run whose config
 # differs from the requested one only here is reused.
 _IGNORED_KEYS = ("train.compilation_cache_dir", "train.cpu_convolutions",
+                 "train.cpu_forward_convolutions",
                  "train.fid_every",
                  "train.fid_samples", "train.fid_classifier_steps",
                  "train.sample_every", "train.num_samples",

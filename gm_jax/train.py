@@ -307,18 +307,22 @@ def build(config: ml_collections.ConfigDict,
   data_in = (replicated, batched, replicated)
   init_batched = input_pipeline.init_sharding(
       config.train.batch_size, config.train.init_batch_size, mesh)
-  # Every function of the run compiles with the same options (on CPU: the
-  # library of its convolutions), so that evaluation and sampling run on
-  # the kernels that training ran on.
+  # On CPU, the library of the kernels: one choice for the initialisation
+  # and the train step, another for the functions without gradients
+  # (evaluation, sampling, visualisation), where YNNPACK's matrix products
+  # and reductions stop paying. Each function compiles with its own.
   options = convolutions.cpu_compiler_options(config.train.cpu_convolutions)
+  forward_options = convolutions.cpu_compiler_options(
+      config.train.cpu_forward_convolutions)
 
-  def synced_jit(fn, name, **jit_kwargs):
-    return sharding_lib.SyncedJit(fn, name, compiler_options=options,
-                                  **jit_kwargs)
+  def synced_jit(fn, name, forward=False, **jit_kwargs):
+    return sharding_lib.SyncedJit(
+        fn, name, compiler_options=forward_options if forward else options,
+        **jit_kwargs)
 
   visualize = None
   if family.visualize is not None:
-    visualize = synced_jit(family.visualize, "visualize",
+    visualize = synced_jit(family.visualize, "visualize", forward=True,
                            in_shardings=data_in, out_shardings=replicated)
   return Built(
       config=config, family=family, mesh=mesh, tx=tx,
@@ -331,10 +335,10 @@ def build(config: ml_collections.ConfigDict,
                           config.optim.grad_accumulation), "train_step",
           in_shardings=data_in, out_shardings=(replicated, replicated),
           donate_argnums=(0,)),
-      evaluate=synced_jit(family.evaluate, "evaluate", in_shardings=data_in,
-                          out_shardings=replicated),
-      sample=synced_jit(family.sample, "sample", static_argnums=(2,),
-                        out_shardings=replicated),
+      evaluate=synced_jit(family.evaluate, "evaluate", forward=True,
+                          in_shardings=data_in, out_shardings=replicated),
+      sample=synced_jit(family.sample, "sample", forward=True,
+                        static_argnums=(2,), out_shardings=replicated),
       visualize=visualize)
 
 

@@ -262,9 +262,9 @@ def _entry(compiled_text: str) -> str:
 
 def test_convolution_library_is_a_compile_option(monkeypatch):
   """cpu_compiler_options("eigen") takes the convolutions out of YNNPACK's
-  fusions and leaves it the matrix products; "ynnpack" is XLA's default;
-  the values agree; $XLA_FLAGS naming the library fusions wins; a misspelt
-  choice is named."""
+  fusions and leaves it the matrix products; "xla" leaves YNNPACK nothing;
+  "ynnpack" is XLA's default; the values agree; $XLA_FLAGS naming the
+  library fusions wins; a misspelt choice is named."""
   if jax.default_backend() != "cpu":
     pytest.skip("the option only applies on the CPU backend")
   # (YNNPACK leaves a much smaller convolution to XLA anyway.)
@@ -280,18 +280,24 @@ def test_convolution_library_is_a_compile_option(monkeypatch):
 
   eigen = convolutions.cpu_compiler_options("eigen")
   assert eigen is not None, "this jaxlib no longer takes the option"
+  no_ynnpack = convolutions.cpu_compiler_options("xla")
+  assert no_ynnpack is not None and no_ynnpack != eigen
   assert convolutions.cpu_compiler_options("ynnpack") is None
   results = {}
-  for name, options in (("eigen", eigen), ("ynnpack", None)):
+  for name, options in (("eigen", eigen), ("ynnpack", None),
+                        ("xla", no_ynnpack)):
     jitted = jax.jit(f, compiler_options=options)
     entry = _entry(jitted.lower(x, w, m).compile().as_text())
-    assert (" convolution(" in entry) == (name == "eigen")
-    assert "ynn_fusion" in entry  # the matrix product stays in YNNPACK
+    assert (" convolution(" in entry) == (name != "ynnpack"), name
+    # The matrix product stays in YNNPACK unless it is switched off.
+    assert ("ynn_fusion" in entry) == (name != "xla"), name
     results[name] = jitted(x, w, m)
-  for a, b in zip(results["eigen"], results["ynnpack"], strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for name in ("ynnpack", "xla"):
+    for a, b in zip(results["eigen"], results[name], strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
   assert convolutions.cpu_compiler_options("eigen") is None
+  assert convolutions.cpu_compiler_options("xla") is None
   with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
     convolutions.cpu_compiler_options("mkl")
 

@@ -461,7 +461,9 @@ def test_init_sees_the_first_init_batch_size_examples(
     (lambda c: c.train.update(curve_eval_examples=0),
      "train.curve_eval_examples=0"),
     (lambda c: c.train.update(cpu_convolutions="mkl"),
-     "train.cpu_convolutions='mkl' must be 'eigen' or 'ynnpack'"),
+     "train.cpu_convolutions='mkl' must be 'eigen', 'ynnpack' or 'xla'"),
+    (lambda c: c.train.update(cpu_forward_convolutions="onednn"),
+     "train.cpu_forward_convolutions='onednn' must be 'eigen', 'ynnpack'"),
 ])
 def test_bad_config_values_are_named(tmp_path, change, message):
   config = smoke_config()
@@ -471,25 +473,33 @@ def test_bad_config_values_are_named(tmp_path, change, message):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def ynnpack_convolutions(compiled_text: str) -> int:
-  """How many of a compiled HLO module's YNNPACK fusions hold a
-  convolution."""
+def kernel_library(compiled_text: str) -> str:
+  """Which library a compiled HLO module's convolutions run on: "ynnpack"
+  (inside YNNPACK fusions), "eigen" (XLA's own instructions, YNNPACK
+  fusions elsewhere) or "xla" (no YNNPACK fusion at all)."""
   bodies = dict(re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}",
                            compiled_text, re.S))
-  return sum(" convolution(" in bodies.get(name, "") for name in re.findall(
-      r"%ynn_fusion[\w.]* = [^\n]*calls=(%[\w.\-]+)", compiled_text))
+  fusions = re.findall(r"%ynn_fusion[\w.]* = [^\n]*calls=(%[\w.\-]+)",
+                       compiled_text)
+  assert " convolution(" in compiled_text
+  if any(" convolution(" in bodies.get(name, "") for name in fusions):
+    return "ynnpack"
+  return "eigen" if fusions else "xla"
 
 
-@pytest.mark.parametrize("library", ["eigen", "ynnpack"])
-def test_every_function_of_the_run_compiles_with_the_convolution_library(
-    library):
-  """train.cpu_convolutions reaches the jitted functions that build makes:
-  with "eigen" the convolutions of the train step and of the evaluation
-  are XLA's own instructions, with "ynnpack" they are inside YNNPACK
-  fusions."""
+@pytest.mark.parametrize("library,forward_library",
+                         [("eigen", "xla"), ("ynnpack", "eigen")])
+def test_every_function_of_the_run_compiles_with_its_kernel_library(
+    library, forward_library):
+  """train.cpu_convolutions reaches the train step that build makes and
+  train.cpu_forward_convolutions its evaluation and sampling: with "eigen"
+  the convolutions are XLA's own instructions next to YNNPACK's matrix
+  products, with "ynnpack" they are inside YNNPACK fusions, with "xla"
+  nothing is."""
   if jax.default_backend() != "cpu":
     pytest.skip("the option only applies on the CPU backend")
-  config = smoke_config(cpu_convolutions=library)
+  config = smoke_config(cpu_convolutions=library,
+                        cpu_forward_convolutions=forward_library)
   config.unlock()
   config.model.architecture = "conv"
   config.model.conv_channels = (32, 32)  # big enough for YNNPACK to take
@@ -499,16 +509,15 @@ def test_every_function_of_the_run_compiles_with_the_convolution_library(
   batch = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8),
            "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
   key = jax.random.PRNGKey(0)
-  for compiled in (built.train_step.lower(built.abstract_state, batch,
-                                          key).compile(),
-                   built.evaluate.lower(built.abstract_state.params, batch,
-                                        key).compile()):
-    text = compiled.as_text()
-    in_ynnpack = ynnpack_convolutions(text)
-    everywhere = len(re.findall(r" convolution\(", text))
-    assert everywhere > 0
-    assert (in_ynnpack == 0) == (library == "eigen"), (in_ynnpack,
-                                                        everywhere)
+  params = built.abstract_state.params
+  compiled = {
+      library: [built.train_step.lower(built.abstract_state, batch,
+                                       key).compile()],
+      forward_library: [built.evaluate.lower(params, batch, key).compile(),
+                        built.sample.lower(params, key, 4).compile()]}
+  for expected, executables in compiled.items():
+    for executable in executables:
+      assert kernel_library(executable.as_text()) == expected
 
 
 def test_cadence_of_outputs():
