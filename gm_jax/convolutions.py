@@ -285,7 +285,12 @@ def cpu_matmul_kernel_grad(positions: int, kernel_hw: Sequence[int],
 # 64 -> 64 at 28x28 batch 64: 56 / 28-31 ms. The second bound keeps each
 # group under the cliff of the machine the im2col rule above was fitted on
 # (positions x channels >= 1.5e6). The input gradient and the forward
-# convolution do not gain, so they stay whole.
+# convolution do not gain, so they stay whole. Both cliffs are YNNPACK's:
+# with the convolutions on XLA's own kernels (train.cpu_convolutions
+# "eigen", the default) the groups are neutral, within 7% of one group on
+# every layer measured (920 ms case: 786 grouped / 748 whole, forward and
+# both gradients; benchmarks/README.md, eighth pass). They stay for
+# "ynnpack".
 CPU_KERNEL_GRAD_GROUP_POSITIONS = 16_384
 CPU_KERNEL_GRAD_GROUP_WORK = 1e6
 # Up to this many whole groups are unrolled, more run in a loop: unrolled,

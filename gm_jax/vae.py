@@ -55,10 +55,11 @@ def reparameterize(mean: Array, log_std: Array, key: Array) -> Array:
 # per call: YNNPACK's convolutions ran several times slower per FLOP on
 # 10,000 rows than on 1,000 (the conv VAE's IWAE with k = 1000 on 100
 # images: 14.3 s in chunks of 100 samples, 8.2 s in chunks of 10;
-# benchmarks/README.md). With XLA's own convolution kernels
-# (train.cpu_convolutions="eigen", the default) the groups neither gain nor
-# lose (5.9-6.3 s either way, 2026-11-29), and they keep the decoder's
-# working set small. Accelerators take every sample of a chunk at once.
+# benchmarks/README.md). With XLA's own convolution kernels (the defaults:
+# train.cpu_convolutions="eigen", and "xla" for evaluation, where bounds
+# run) the groups neither gain nor lose (5.9-6.3 s either way under
+# "eigen", 2026-11-29), and they keep the decoder's working set small.
+# Accelerators take every sample of a chunk at once.
 CPU_DECODER_ROWS = 1024
 
 
