@@ -6,7 +6,8 @@
 
 Prints: devices, parameter count, first-step time (compilation included),
 train images/s and steps/s over --steps timed steps (after warm-up), the
-step's FLOPs (XLA cost analysis) and the FLOP/s achieved, eval images/s of
+step's model FLOPs (counted from its jaxpr: benchmarks/flops.py) and the
+FLOP/s achieved, eval images/s of
 ``family.evaluate`` (with the config's settings, e.g. the IWAE k), with
 ``--samples=N`` the time of ``family.sample`` for N images, and the peak
 resident host memory of the process. The data are real batches
@@ -17,6 +18,7 @@ jitted computation, not the input pipeline.
 import resource
 import time
 
+import flops as flops_lib
 from absl import flags
 
 from gm_jax import launch
@@ -45,19 +47,36 @@ def offline(config):
   return config
 
 
+def _large_enough(source, size: int):
+  """``source``, its examples repeated when it holds fewer than ``size``: the
+  embedded colour patches are 420, and glow_cifar10's batch is 512. The
+  benchmark times the computation, which repeats do not change."""
+  if len(source) >= size or not hasattr(source, "images"):
+    return source
+  import numpy as np
+
+  from gm_jax import data
+  reps = -(-size // len(source))
+  return data.ArraySource(images=np.tile(source.images, (reps, 1, 1, 1)),
+                          labels=np.tile(source.labels, reps))
+
+
 def measure(config, steps: int = 20, eval_batches: int = 2) -> dict:
   """Builds ``config``'s trainer on all devices and times it. Returns
   first_step_s (compile + run), step_s, train_images_s, loss, eval_first_s,
-  eval_batch_s, eval_images_s, num_params, flops_per_step (XLA cost
-  analysis; 0 where the backend reports none), flops_exact (False when the
-  step has loops, whose bodies XLA counts once) and batch sizes."""
+  eval_batch_s, eval_images_s, num_params, flops_per_step (the matrix
+  products' and convolutions' FLOPs in the step's jaxpr), flops_exact
+  (False when a while loop, whose trip count the jaxpr does not hold, made
+  them a lower bound) and batch sizes."""
   import jax
 
   from gm_jax import data, input_pipeline, train
 
   built = train.build(config)
-  source = data.load_source(config.data, config.data.train_split)
   bs, ebs = config.train.batch_size, config.train.eval_batch_size
+  source = _large_enough(
+      data.load_source(config.data, config.data.train_split),
+      max(bs, ebs, config.train.init_batch_size))
 
   def batch_at(step, size=bs):
     indices = input_pipeline.train_indices(len(source), size, config.seed,
@@ -74,19 +93,11 @@ def measure(config, steps: int = 20, eval_batches: int = 2) -> dict:
   state, metrics = built.train_step(state, batches[0], key)
   jax.block_until_ready(metrics)
   first_step = time.perf_counter() - t0
-  flops, flops_exact = 0.0, True
-  try:
-    # The lowered module's analysis: no second compilation. XLA counts a
-    # while loop's body once, so a step with loops (scanned layers,
-    # gradient accumulation) gets a lower bound, and says so.
-    lowered = built.train_step.lower(state, batches[0], key)
-    flops_exact = "stablehlo.while" not in lowered.as_text()
-    analysis = lowered.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-      analysis = analysis[0] if analysis else {}
-    flops = float((analysis or {}).get("flops", 0.0))
-  except Exception:  # noqa: BLE001 -- a backend without cost analysis
-    pass
+  # Model FLOPs from the step's jaxpr (benchmarks/flops.py): the same on
+  # every backend, with scanned layers and accumulated micro-batches
+  # counted as often as they run. Tracing again costs no compilation.
+  flops, flops_exact = flops_lib.traced_flops(
+      built.train_step.trace(state, batches[0], key))
   for i in range(2):  # warm-up
     state, metrics = built.train_step(state, batches[i % 4], key)
   jax.block_until_ready(metrics)
@@ -101,7 +112,8 @@ def measure(config, steps: int = 20, eval_batches: int = 2) -> dict:
                 train_images_s=steps * bs / train_seconds,
                 loss=float(metrics["loss"]), flops_per_step=flops,
                 flops_exact=flops_exact,
-                built=built, state=state)
+                built=built, state=state, first_batch=batches[0],
+                step_key=key)
   if eval_batches:
     eval_batch = batch_at(0, ebs)
     t0 = time.perf_counter()
@@ -147,9 +159,10 @@ def main(argv):
           f" {1 / r['step_s']:.2f} steps/s, loss {r['loss']:.3f}")
     if r["flops_per_step"]:
       bound = ("" if r["flops_exact"] else
-               "; loop bodies counted once: lower bounds")
+               "; a while loop's body counted once: lower bounds")
       print(f"train step FLOPs:     {r['flops_per_step'] / 1e9:,.1f} GFLOP"
-            f" (XLA cost analysis), {r['flops_per_step'] / r['step_s'] / 1e9:,.1f}"
+            " (products and convolutions, from the jaxpr),"
+            f" {r['flops_per_step'] / r['step_s'] / 1e9:,.1f}"
             f" GFLOP/s achieved{bound}")
     if _EVAL_BATCHES.value:
       print(f"eval first batch:     {r['eval_first_s']:.2f} s (with"

@@ -7,18 +7,26 @@ sampling times. Prepared to run once, in under 8 minutes, on a borrowed GPU.
 Prints, as a table and then as one JSON line per measurement:
 
 * for each paper config: first-step time (compilation included; the
-  benchmark does not open the persistent cache, so it is the cold figure), train step time and
-  images/s in float32, and in bfloat16 where the family has a compute-dtype
+  benchmark does not open the persistent cache, so it is the cold figure),
+  train step time and images/s in float32, and in bfloat16 where the family has a compute-dtype
   option (diffusion; the others say "no bfloat16 option");
-* the DDPM CIFAR-10 U-Net's FLOPs per step (XLA cost analysis) and MFU
-  against the device's dense peak (``--peak_tflops`` or the built-in table);
-* DDIM-50 for 64 CIFAR-shaped images and 64 PixelCNN MNIST samples;
+* every step's model FLOPs (products and convolutions, counted from its
+  jaxpr by benchmarks/flops.py: XLA:GPU's own cost analysis leaves out the
+  cuDNN and cuBLAS calls) and MFU against the device's dense peak (``--peak_tflops`` or the built-in table;
+  float32 against the TF32 peak, see ``PEAK_TFLOPS``);
+* DDIM-50 for 64 CIFAR-shaped images and 64 PixelCNN MNIST samples, each
+  timed after its config's training runs, from the float32 run's state;
 * last, the configs that scan their layers (``model.scan_layers``) again
   unrolled, so that one run compares the two layouts' step times.
 
 Data are the embedded images (MNIST digits, 32x32 colour patches), so the
 machine needs no network; the figures time the jitted computation. A
-``--budget_s`` guard skips what would not fit and says so.
+``--budget_s`` guard skips what would not fit and says so; the configs
+run in the order of ``PAPER_CONFIGS``, the issue's headline figures first.
+``--out FILE`` appends the JSON lines to a file as they come. ``--profile``
+(by default the DDPM U-Net's bfloat16 step, whose MFU is the headline)
+traces 5 steps with ``jax.profiler`` and prints the kernels that took the
+most time, so that one borrowed run also says where to optimise next.
 """
 
 from __future__ import annotations
@@ -32,19 +40,24 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Dense peak TFLOP/s by device kind (substring match): (float32, bfloat16).
-# float32 on Hopper counts the non-tensor-core FP32 peak, which is what
-# XLA uses for float32 matmuls at the default precision ("highest" would
-# be tf32-free); bfloat16 is the dense tensor-core peak.
+# The float32 figure is the TF32 tensor-core peak: at JAX's default matmul
+# precision XLA:GPU lets cuBLAS and cuDNN round float32 operands to TF32 on
+# Ampere and later, so that is the ceiling a float32 step can reach (the
+# plain FP32 units' peak, 67 TFLOP/s on Hopper, would overstate its MFU).
+# bfloat16 is the dense tensor-core peak. SXM parts, vendor datasheets.
 PEAK_TFLOPS = {
-    "H200": (67.0, 989.0),
-    "H100": (67.0, 989.0),
-    "A100": (19.5, 312.0),
+    "H200": (494.7, 989.4),
+    "H100": (494.7, 989.4),
+    "A100": (156.0, 312.0),
 }
 
+# The figures the issue names first (the U-Net's MFU, DDIM-50, PixelCNN
+# samples) come first, so that a run cut short by --budget_s still has them.
 PAPER_CONFIGS = (
-    "vae_mnist.py", "vae_binarized_mnist.py", "pixelcnn_mnist.py",
-    "gated_pixelcnn_mnist.py", "pixelcnnpp_cifar10.py", "realnvp_cifar10.py",
-    "glow_cifar10.py", "diffusion_cifar10.py", "vdm_cifar10.py",
+    "diffusion_cifar10.py", "pixelcnn_mnist.py", "vae_mnist.py",
+    "vae_binarized_mnist.py", "gated_pixelcnn_mnist.py",
+    "pixelcnnpp_cifar10.py", "realnvp_cifar10.py", "glow_cifar10.py",
+    "vdm_cifar10.py",
 )
 
 
@@ -68,6 +81,14 @@ def main() -> None:
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device dense peak for the MFU (0: built-in table)")
   parser.add_argument("--configs", default=",".join(PAPER_CONFIGS))
+  parser.add_argument("--out", default="",
+                      help="also append each JSON line to this file")
+  parser.add_argument(
+      "--profile", default="diffusion_cifar10.py:bfloat16",
+      help="CONFIG:DTYPE whose train step is traced with jax.profiler after"
+      " its timing (5 steps, into --profile_dir), its kernels summed by name;"
+      " '' for none")
+  parser.add_argument("--profile_dir", default="/tmp/gpu_check_trace")
   args = parser.parse_args()
 
   import bench_train
@@ -81,7 +102,6 @@ def main() -> None:
   kind = f"{device.device_kind} ({device.platform})"
   print(f"device: {len(jax.devices())} x {kind}; jax {jax.__version__}")
   rows = []
-  kept = {}  # family -> (built, state) of the float32 run, for sampling
 
   def over_budget(what: str) -> bool:
     spent = time.perf_counter() - start
@@ -95,6 +115,9 @@ def main() -> None:
   def emit(row: dict) -> None:
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if args.out:
+      with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
   def train_row(name: str, dtype: str, r: dict) -> dict:
     row = dict(what="train", config=name, dtype=dtype,
@@ -105,20 +128,71 @@ def main() -> None:
     if r["flops_per_step"]:
       achieved = r["flops_per_step"] / r["step_s"] / 1e12
       row["tflops_achieved"] = round(achieved, 3)
-      # XLA counts a loop body once (scanned layers, accumulation): then
-      # the figures are lower bounds, and MFU is left out.
+      # A while loop's body is counted once (the jaxpr holds no trip
+      # count): then the figures are lower bounds, and MFU is left out.
       row["flops_lower_bound"] = not r["flops_exact"]
       peak = _peak(device.device_kind, dtype.split()[0], args.peak_tflops)
       if peak and r["flops_exact"]:
+        row["peak_tflops"] = peak
         row["mfu_percent"] = round(100 * achieved / peak, 1)
     return row
 
+  def profile(name: str, dtype: str, r: dict, steps: int = 5) -> None:
+    """Traces ``steps`` train steps of the run just timed and prints where
+    their time went (benchmarks/trace_summary.py); the trace stays in
+    --profile_dir for Perfetto or TensorBoard."""
+    import trace_summary
+    state = r["state"]
+    try:
+      with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+          state, metrics = r["built"].train_step(state, r["first_batch"],
+                                                   r["step_key"])
+        jax.block_until_ready(metrics)
+      r["state"] = state
+      summary = trace_summary.summarize(
+          trace_summary.latest_trace(args.profile_dir))
+    except Exception as e:  # noqa: BLE001 -- a profiler that cannot trace
+      print(f"no profile of {name} {dtype}: {type(e).__name__}: {e}"[:300])
+      return
+    print(f"\nprofile of {name} {dtype}, {steps} steps ({args.profile_dir}):")
+    print(trace_summary.format_summary(summary, steps))
+    emit(dict(what="profile", config=name, dtype=dtype,
+              device_tracks=summary["device"],
+              ms_per_step=round(summary["total_us"] / 1e3 / steps, 3),
+              top=[(n[:60], round(us / 1e3 / steps, 3))
+                   for n, us, _ in summary["rows"][:10]]))
+
   suffix = ":smoke" if args.smoke else ""
+  num = 4 if args.smoke else 64
+
+  def sample_row(holder: str, built, train_state) -> None:
+    """Times ``num`` samples of the run just measured: the first call
+    (compilation included), then a second with another key."""
+    what = f"{num} PixelCNN MNIST samples"
+    if holder == "diffusion":
+      what = (f"DDIM-{built.config.model.sample_steps}, {num} CIFAR-shaped"
+              " images")
+    if over_budget(what):
+      return
+    t0 = time.perf_counter()
+    jax.block_until_ready(built.sample(train_state.ema_params,
+                                       jax.random.PRNGKey(3), num))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(
+        built.sample(train_state.ema_params, jax.random.PRNGKey(4), num))
+    emit(dict(what="sample", name=what, first_call_s=round(first, 2),
+              seconds=round(time.perf_counter() - t0, 3),
+              shape=list(np.shape(out))))
+
   # Configs that scan their layers are measured unrolled too, last (their
   # unrolled compile is the long one): the layouts' step times on the
   # accelerator decide whether scanning costs anything there.
   unrolled = []
+  sampled = set()
   for name in args.configs.split(","):
+    kept = None  # (built, state) of the float32 run, for sampling
     variants = [("float32", "")]
     if name.startswith("diffusion"):
       variants.append(("bfloat16", "bf16"))
@@ -135,39 +209,28 @@ def main() -> None:
                               eval_batches=0)
       row = train_row(name, dtype, r)
       emit(row)
+      if args.profile == f"{name}:{dtype}":
+        profile(name, dtype, r)
       if dtype == "float32" and config.model.get("scan_layers", False):
         unrolled.append((name, spec))
       if dtype == "float32" and name in ("diffusion_cifar10.py",
                                          "pixelcnn_mnist.py"):
-        kept[name.split("_")[0]] = (r["built"], r["state"])
+        kept = (r["built"], r["state"])
       del r
+    if kept is not None:
+      # Sampled after the config's own variants (the bfloat16 step first:
+      # its MFU is the headline) and before the next config, which frees
+      # this run's state.
+      holder = name.split("_")[0]
+      sample_row(holder, *kept)
+      sampled.add(holder)
+      kept = None
     if not name.startswith("diffusion") and not args.smoke:
       emit(dict(what="train", config=name, dtype="bfloat16",
                 skipped="no bfloat16 option in this family"))
-
-  num = 4 if args.smoke else 64
-  for holder in ("diffusion", "pixelcnn"):
-    state = kept.get(holder)
-    what = f"{num} PixelCNN MNIST samples"
-    if holder == "diffusion":
-      steps = state[0].config.model.sample_steps if state else 50
-      what = f"DDIM-{steps}, {num} CIFAR-shaped images"
-    if state is None:
-      print(f"skipped {what}: its config was not measured")
-      continue
-    if over_budget(what):
-      continue
-    built, train_state = state
-    key = jax.random.PRNGKey(3)
-    t0 = time.perf_counter()
-    jax.block_until_ready(built.sample(train_state.ema_params, key, num))
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(
-        built.sample(train_state.ema_params, jax.random.PRNGKey(4), num))
-    emit(dict(what="sample", name=what, first_call_s=round(first, 2),
-              seconds=round(time.perf_counter() - t0, 3),
-              shape=list(np.shape(out))))
+  for holder, what in (("diffusion", "DDIM"), ("pixelcnn", "PixelCNN")):
+    if holder not in sampled:
+      print(f"skipped {what} samples: their config was not measured")
 
   for name, spec in unrolled:
     what = f"{name} float32 unrolled"

@@ -91,6 +91,10 @@ class SyncedJit:
   def lower(self, *args, **kwargs):
     return self._jitted.lower(*args, **kwargs)
 
+  def trace(self, *args, **kwargs):
+    """``jax.jit(fn).trace``: the jaxpr of a call, without compiling."""
+    return self._jitted.trace(*args, **kwargs)
+
   def __call__(self, *args):
     if jax.process_count() > 1:
       leaves, treedef = jax.tree_util.tree_flatten(args)
