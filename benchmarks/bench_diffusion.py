@@ -6,10 +6,11 @@ Builds the model of configs/diffusion_cifar10.py (DDPM's 35.7M U-Net on
 * the first train step (compile + run) time;
 * train images/s of a jitted L_simple loss + grad + clip + Adam step, over a
   few timed steps after a warm-up, with block_until_ready;
-* the FLOPs of one train step from XLA's cost analysis
-  (``jax.jit(f).lower(...).compile().cost_analysis()``), hence achieved
-  TFLOP/s and, given ``--peak_tflops`` (the device's dense peak for the
-  compute dtype, e.g. 989 for an H100 SXM in bf16), the MFU;
+* the model FLOPs of one train step, counted from its jaxpr
+  (benchmarks/flops.py; XLA:GPU's own cost analysis leaves out the cuDNN and
+  cuBLAS calls), hence achieved TFLOP/s and, given ``--peak_tflops`` (the
+  device's dense peak for the compute dtype, e.g. 989 for an H100 SXM in
+  bf16), the MFU;
 * DDIM sampling time (``--sample_steps`` 50 by default) for ``--num_samples``
   images.
 
@@ -22,21 +23,18 @@ Builds the model of configs/diffusion_cifar10.py (DDPM's 35.7M U-Net on
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gm_jax import config_lib, diffusion
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flops as flops_lib  # noqa: E402
 
-
-def step_flops(compiled) -> float:
-  """FLOPs of a compiled computation from XLA's cost analysis (0 if absent)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", 0.0))
+from gm_jax import config_lib, diffusion  # noqa: E402
 
 
 def main() -> None:
@@ -88,9 +86,10 @@ def main() -> None:
     return optax.apply_updates(params, updates), opt_state, loss
 
   t0 = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      params, opt_state, batch, key).compile()
-  flops = step_flops(compiled)
+  jitted = jax.jit(train_step, donate_argnums=(0, 1))
+  flops, _ = flops_lib.traced_flops(
+      jitted.trace(params, opt_state, batch, key))
+  compiled = jitted.lower(params, opt_state, batch, key).compile()
   params, opt_state, loss = compiled(params, opt_state, batch, key)
   jax.block_until_ready(loss)
   print(f"first train step (compile + run): {time.perf_counter() - t0:.1f} s")
@@ -108,14 +107,13 @@ def main() -> None:
         f"{args.batch / step_time:.2f} images/s")
   if flops > 0:
     achieved = flops / step_time / 1e12
-    print(f"train step FLOPs (XLA cost analysis): {flops / 1e9:.1f} GFLOP"
+    print(f"train step FLOPs (products and convolutions): {flops / 1e9:.1f}"
+          " GFLOP"
           f" ({flops / args.batch / 1e9:.2f} GFLOP/image); achieved"
           f" {achieved:.3f} TFLOP/s")
     if args.peak_tflops > 0:
       print(f"MFU: {100 * achieved / args.peak_tflops:.1f}% of"
             f" {args.peak_tflops:g} TFLOP/s")
-  else:
-    print("train step FLOPs: not reported by this backend's cost analysis")
 
   sample = jax.jit(family.sample, static_argnums=2)
   t0 = time.perf_counter()

@@ -7,12 +7,12 @@
 Prints: devices, parameter count, first-step time (compilation included),
 train images/s and steps/s over --steps timed steps (after warm-up), the
 step's model FLOPs (counted from its jaxpr: benchmarks/flops.py) and the
-FLOP/s achieved, eval images/s of
-``family.evaluate`` (with the config's settings, e.g. the IWAE k), with
-``--samples=N`` the time of ``family.sample`` for N images, and the peak
-resident host memory of the process. The data are real batches
-from the config's source, already on the device, so the figures measure the
-jitted computation, not the input pipeline.
+FLOP/s achieved, eval images/s of ``family.evaluate`` (with the config's
+settings, e.g. the IWAE k), with ``--samples=N`` the time and FLOPs of
+``family.sample`` for N images, and the peak resident host memory of the
+process. The data are real batches from the config's source, already on
+the device, so the figures measure the jitted computation, not the input
+pipeline.
 """
 
 import resource
@@ -145,9 +145,14 @@ def main(argv):
     t0 = time.perf_counter()
     jax.block_until_ready(built.sample(params, jax.random.PRNGKey(3),
                                        _SAMPLES.value))
+    seconds = time.perf_counter() - t0
+    sample_flops, exact = flops_lib.traced_flops(
+        built.sample.trace(params, jax.random.PRNGKey(3), _SAMPLES.value))
     sample_line = (f"sample:               {_SAMPLES.value} images in"
-                   f" {time.perf_counter() - t0:.2f} s (first call"
-                   f" {first:.2f} s, with compilation)")
+                   f" {seconds:.2f} s (first call {first:.2f} s, with"
+                   f" compilation), {sample_flops / 1e9:,.1f} GFLOP,"
+                   f" {sample_flops / seconds / 1e9:,.1f} GFLOP/s"
+                   + ("" if exact else " (lower bounds: a while loop)"))
   if launch.is_main_process():
     print(f"devices:              {r['built'].mesh.size} x"
           f" {jax.devices()[0].device_kind} ({jax.default_backend()})")
