@@ -218,3 +218,16 @@ def test_trace_summary_sums_device_kernels_only(tmp_path, monkeypatch):
   assert "0.06 ms per step" in table and "| `gemm_kernel` | 0.035 | 1 |" in table
   with pytest.raises(FileNotFoundError, match="no perfetto_trace"):
     trace_summary.latest_trace(tmp_path / "plugins" / "nothing")
+
+
+def test_conv_forward_times_both_formulations_per_library():
+  """conv_forward.py checks the two formulations agree, then prints one row
+  per kernel library with both times."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/conv_forward.py", "--shapes=2x8x4x4",
+       "--reps=1"], cwd=REPO, env=script_env(), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [line for line in proc.stdout.splitlines()
+          if line.startswith("| 2x8x4x4 |")]
+  assert [r.split(" | ")[2] for r in rows] == ["eigen", "ynnpack", "xla"]
