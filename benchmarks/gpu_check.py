@@ -8,12 +8,14 @@ Prints, as a table and then as one JSON line per measurement:
 
 * for each paper config: first-step time (compilation included; the
   benchmark does not open the persistent cache, so it is the cold figure),
-  train step time and images/s in float32, and in bfloat16 where the family has a compute-dtype
-  option (diffusion; the others say "no bfloat16 option");
+  train step time and images/s in float32, and in bfloat16 where the family
+  has a compute-dtype option (diffusion; the others say "no bfloat16
+  option");
 * every step's model FLOPs (products and convolutions, counted from its
   jaxpr by benchmarks/flops.py: XLA:GPU's own cost analysis leaves out the
-  cuDNN and cuBLAS calls) and MFU against the device's dense peak (``--peak_tflops`` or the built-in table;
-  float32 against the TF32 peak, see ``PEAK_TFLOPS``);
+  cuDNN and cuBLAS calls) and MFU against the device's dense peak
+  (``--peak_tflops`` or the built-in table; float32 against the TF32 peak,
+  see ``PEAK_TFLOPS``);
 * DDIM-50 for 64 CIFAR-shaped images and 64 PixelCNN MNIST samples, each
   timed after its config's training runs, from the float32 run's state;
 * last, the configs that scan their layers (``model.scan_layers``) again
@@ -43,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The float32 figure is the TF32 tensor-core peak: at JAX's default matmul
 # precision XLA:GPU lets cuBLAS and cuDNN round float32 operands to TF32 on
 # Ampere and later, so that is the ceiling a float32 step can reach (the
-# plain FP32 units' peak, 67 TFLOP/s on Hopper, would overstate its MFU).
+# plain FP32 units' peak, 67 TFLOP/s on Hopper, would overstate its MFU: the
+# DDPM U-Net's float32 step ran at 132 TFLOP/s on an H200).
 # bfloat16 is the dense tensor-core peak. SXM parts, vendor datasheets.
 PEAK_TFLOPS = {
     "H200": (494.7, 989.4),
@@ -142,14 +145,13 @@ def main() -> None:
     their time went (benchmarks/trace_summary.py); the trace stays in
     --profile_dir for Perfetto or TensorBoard."""
     import trace_summary
-    state = r["state"]
     try:
       with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
         for _ in range(steps):
-          state, metrics = r["built"].train_step(state, r["first_batch"],
-                                                   r["step_key"])
+          # The step donates its state: keep the newest for the sampler.
+          r["state"], metrics = r["built"].train_step(
+              r["state"], r["first_batch"], r["step_key"])
         jax.block_until_ready(metrics)
-      r["state"] = state
       summary = trace_summary.summarize(
           trace_summary.latest_trace(args.profile_dir))
     except Exception as e:  # noqa: BLE001 -- a profiler that cannot trace
