@@ -8,9 +8,9 @@ Prints, as a table and then as one JSON line per measurement:
 
 * for each paper config: first-step time (compilation included; the
   benchmark does not open the persistent cache, so it is the cold figure),
-  train step time and images/s in float32, and in bfloat16 where the family
-  has a compute-dtype option (diffusion; the others say "no bfloat16
-  option");
+  train step time and images/s in float32, and in bfloat16 where the config
+  has a ``bf16`` argument (``BF16_CONFIGS``: the DDPM and VDM U-Nets; the
+  others say "no bfloat16 option");
 * every step's model FLOPs (products and convolutions, counted from its
   jaxpr by benchmarks/flops.py: XLA:GPU's own cost analysis leaves out the
   cuDNN and cuBLAS calls) and MFU against the device's dense peak
@@ -62,6 +62,11 @@ PAPER_CONFIGS = (
     "pixelcnnpp_cifar10.py", "realnvp_cifar10.py", "glow_cifar10.py",
     "vdm_cifar10.py",
 )
+
+
+# The paper configs with a ``bf16`` argument (model.dtype "bfloat16":
+# bfloat16 compute, float32 parameters); the others have no such option.
+BF16_CONFIGS = ("diffusion_cifar10.py", "vdm_cifar10.py")
 
 
 def _peak(kind: str, dtype: str, override: float) -> float:
@@ -206,7 +211,7 @@ def main() -> None:
       continue
     kept = None  # (built, state) of the float32 run, for sampling
     variants = [("float32", "")]
-    if name.startswith("diffusion"):
+    if name in BF16_CONFIGS:
       variants.append(("bfloat16", "bf16"))
     for dtype, arg in variants:
       what = f"{name} {dtype}"
@@ -238,7 +243,7 @@ def main() -> None:
       sample_row(holder, *kept)
       sampled.add(holder)
       kept = None
-    if not name.startswith("diffusion") and not args.smoke:
+    if name not in BF16_CONFIGS and not args.smoke:
       emit(dict(what="train", config=name, dtype="bfloat16",
                 skipped="no bfloat16 option in this family"))
   for holder, what in (("diffusion", "DDIM"), ("pixelcnn", "PixelCNN")):

@@ -79,9 +79,10 @@ def test_gpu_check_all_paper_configs():
   rows = _json_lines(_gpu_check())
   dtypes = {(r["config"], r["dtype"]) for r in rows if r["what"] == "train"}
   assert ("diffusion_cifar10.py", "bfloat16") in dtypes
-  # 9 configs, diffusion also in bfloat16, and the four scanned configs
+  assert ("vdm_cifar10.py", "bfloat16") in dtypes
+  # 9 configs, DDPM and VDM also in bfloat16, and the four scanned configs
   # (two flows, PixelCNN++, VDM) again unrolled.
-  assert len([r for r in rows if "images_s" in r]) == 14
+  assert len([r for r in rows if "images_s" in r]) == 15
   assert any(r.get("name", "").startswith("DDIM-") for r in rows)
 
 

@@ -52,7 +52,7 @@ CONFIG_ARGS = {
     "realnvp_mnist.py": ("vardeq",),
     "vae_binarized_mnist.py": (),
     "vae_mnist.py": ("mlp", "logistic"),
-    "vdm_cifar10.py": ("fixed", "learned_linear"),
+    "vdm_cifar10.py": ("fixed", "learned_linear", "bf16"),
     "vdm_mnist.py": ("fixed",),
 }
 
@@ -111,6 +111,7 @@ PARAM_COUNTS = {
     # VDM's full-resolution net (32 + 33 ResNet blocks of width 128) plus
     # the learned schedule's 3,075 (1,024 x 3 + slope + two endpoints).
     "vdm_cifar10.py": 30_589_318,
+    "vdm_cifar10.py:bf16": 30_589_318,
     "vdm_cifar10.py:fixed": 30_586_243,
     "vdm_cifar10.py:learned_linear": 30_586_245,
     "vdm_mnist.py": 44_804,

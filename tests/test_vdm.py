@@ -483,3 +483,42 @@ def test_family_with_scan_layers_trains_with_the_same_parameter_count():
   np.testing.assert_allclose(ev_s["bpd"], ev_u["bpd"], rtol=1e-5)
   with pytest.raises(ValueError, match="scan_layers"):
     VDMConfig(scan_layers=True, num_blocks=0)
+
+
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_bfloat16_score_net_keeps_float32_params_and_the_function(
+    scan_blocks):
+  """``dtype=bfloat16``: the same parameters (float32, same tree), every
+  convolution and product of the blocks in bfloat16, a float32 output that
+  matches the float32 network's to bfloat16 rounding (and not exactly: the
+  option is not a no-op); gradients reach the parameters in float32."""
+  common = dict(width=8, num_blocks=2, num_groups=4, dropout=0.0,
+                scan_blocks=scan_blocks)
+  f32 = ScoreNet(**common)
+  bf16 = ScoreNet(**common, dtype=jnp.bfloat16)
+  z = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
+  gamma = jnp.array([-5.0, 2.0])
+  params = f32.init(jax.random.key(1), z, gamma)["params"]
+  keys = iter(jax.random.split(jax.random.key(2),
+                               len(jax.tree.leaves(params))))
+  params = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params)
+  shapes = jax.eval_shape(bf16.init, jax.random.key(1), z, gamma)["params"]
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
+  jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, z, gamma))(
+      params))
+  assert "conv_general_dilated" in jaxpr
+  for line in jaxpr.splitlines():
+    if "conv_general_dilated[" in line:
+      assert "bf16[" in line.split("=")[0], line  # bfloat16 outputs
+  out32 = f32.apply({"params": params}, z, gamma)
+  out16 = bf16.apply({"params": params}, z, gamma)
+  assert out16.dtype == jnp.float32
+  error = float(jnp.max(jnp.abs(out16 - out32)))
+  scale = float(jnp.max(jnp.abs(out32 - z)))
+  assert 0 < error < 0.05 * scale, (error, scale)
+  grads = jax.grad(lambda p: jnp.sum(bf16.apply({"params": p}, z, gamma)))(
+      params)
+  assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+             for g in jax.tree.leaves(grads))

@@ -80,6 +80,8 @@ class VDMConfig(schema.ModelConfig):
     scan_layers: the blocks before and after the middle as two
       ``flax.linen.scan``s with stacked parameters (``ScoreNet.scan_blocks``):
       the same function and parameter count, compiled once per scan.
+    dtype: the network's computation dtype, "float32" or "bfloat16"
+      (parameters, the schedule and the bound stay float32).
   """
 
   image_shape: tuple[int, int, int] = (32, 32, 3)
@@ -101,6 +103,7 @@ class VDMConfig(schema.ModelConfig):
   sample_steps: int = 1000
   sample_decode: str = schema.choice("argmax", DECODES)
   scan_layers: bool = False
+  dtype: str = schema.choice("float32", ("float32", "bfloat16"))
 
   def validate(self):
     schema.require(self.gamma_max > self.gamma_min, "gamma_max",
@@ -154,7 +157,8 @@ class VDM:
                         dropout=cfg.dropout,
                         fourier_exponents=cfg.fourier_exponents,
                         gamma_range=(cfg.gamma_min, cfg.gamma_max),
-                        scan_blocks=cfg.scan_layers)
+                        scan_blocks=cfg.scan_layers,
+                        dtype=jnp.dtype(cfg.dtype))
 
   @property
   def variance_trained(self) -> bool:

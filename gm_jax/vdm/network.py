@@ -19,7 +19,7 @@ U-Net (``gm_jax.diffusion.layers``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,6 +65,7 @@ class _ResnetStep(nn.Module):
   num_groups: int
   train: bool
   emit: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h: Array, skip: Optional[Array], emb: Array
@@ -72,7 +73,8 @@ class _ResnetStep(nn.Module):
     if skip is not None:
       h = jnp.concatenate([h, skip], -1)
     out = layers.ResnetBlock(self.width, self.dropout, self.num_groups,
-                             name="block")(h, emb, train=self.train)
+                             dtype=self.dtype, name="block")(
+                                 h, emb, train=self.train)
     return out, (out if self.emit else None)
 
 
@@ -94,6 +96,10 @@ class ScoreNet(nn.Module):
       "down_block{i}", "up_block{i}"). The same function (tested), compiled
       as two blocks instead of 2 num_blocks + 1; ``scanned_params`` and
       ``unrolled_params`` move parameters between the layouts.
+    dtype: computation dtype (bfloat16 computes in bfloat16 with float32
+      parameters, as the DDPM U-Net's option). The Fourier features are
+      computed in float32 before the cast, the attention's softmax stays
+      float32 (``layers.AttentionBlock``), and the output is float32.
   """
 
   width: int = 128
@@ -104,6 +110,7 @@ class ScoreNet(nn.Module):
   fourier_exponents: Sequence[int] = (6, 7)
   gamma_range: tuple[float, float] = (-13.3, 5.0)
   scan_blocks: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z: Array, gamma_t: Array, *,
@@ -114,21 +121,24 @@ class ScoreNet(nn.Module):
       raise ValueError(f"ScoreNet: gamma_t must be [B] = {z.shape[:1]}, got"
                        f" {gamma_t.shape}.")
     dense = lambda n, name: nn.Dense(  # noqa: E731
-        n, kernel_init=layers.default_init, name=name)
+        n, kernel_init=layers.default_init, dtype=self.dtype, name=name)
     resblock = lambda name: layers.ResnetBlock(  # noqa: E731
-        self.width, self.dropout, self.num_groups, name=name)
+        self.width, self.dropout, self.num_groups, dtype=self.dtype,
+        name=name)
 
     low, high = self.gamma_range
     u = (gamma_t - low) / (high - low)  # [B], ~[0, 1]
     emb = layers.sinusoidal_embedding(1000.0 * u, self.width)
-    emb = nn.swish(dense(4 * self.width, "cond_dense0")(emb))
+    emb = nn.swish(dense(4 * self.width, "cond_dense0")(
+        emb.astype(self.dtype)))
     # [B, 4 width]; each ResNet block applies swish before its projection.
     emb = dense(4 * self.width, "cond_dense1")(emb)
 
     h = jnp.concatenate([z, fourier_features(z, self.fourier_exponents)],
                         axis=-1)
     h = Conv(self.width, (3, 3), padding="SAME",
-             kernel_init=layers.default_init, name="conv_in")(h)
+             kernel_init=layers.default_init, dtype=self.dtype,
+             name="conv_in")(h.astype(self.dtype))
     if self.scan_blocks:
       def blocks(name, length, emit):
         return nn.scan(
@@ -136,7 +146,7 @@ class ScoreNet(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast), length=length)(
                 self.width, self.dropout, self.num_groups, train, emit,
-                name=name)
+                self.dtype, name=name)
       entry = h
       h, outputs = blocks("down_blocks", self.num_blocks, True)(h, None, emb)
       skips = jnp.concatenate([entry[None], outputs])  # [num_blocks + 1, ...]
@@ -147,7 +157,7 @@ class ScoreNet(nn.Module):
         skips.append(h)
     h = resblock("mid_block1")(h, emb, train=train)
     h = layers.AttentionBlock(self.num_heads, self.num_groups,
-                              name="mid_attn")(h)
+                              dtype=self.dtype, name="mid_attn")(h)
     h = resblock("mid_block2")(h, emb, train=train)
     if self.scan_blocks:
       h, _ = blocks("up_blocks", self.num_blocks + 1, False)(
@@ -156,9 +166,11 @@ class ScoreNet(nn.Module):
       for i in range(self.num_blocks + 1):
         h = resblock(f"up_block{i}")(jnp.concatenate([h, skips.pop()], -1),
                                      emb, train=train)
-    h = nn.swish(nn.GroupNorm(self.num_groups, name="norm_out")(h))
+    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype,
+                              name="norm_out")(h))
     h = Conv(z.shape[-1], (3, 3), padding="SAME",
-             kernel_init=layers.zero_init, name="conv_out")(h)
+             kernel_init=layers.zero_init, dtype=self.dtype,
+             name="conv_out")(h)
     return z + h.astype(jnp.float32)
 
 
