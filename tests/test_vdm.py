@@ -413,6 +413,20 @@ def test_config_is_validated_by_key():
 # Scanned blocks (scan_layers).
 
 
+def _net_inputs_and_moved_params(net):
+  """(z, gamma, params) for ``net``: two images and times, and parameters
+  moved off their initial values (the zero-initialised second convolutions
+  would make every block the identity)."""
+  z = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
+  gamma = jnp.array([-5.0, 2.0])
+  params = net.init(jax.random.key(1), z, gamma)["params"]
+  keys = iter(jax.random.split(jax.random.key(2),
+                               len(jax.tree.leaves(params))))
+  params = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params)
+  return z, gamma, params
+
+
 def test_scanned_score_net_is_the_unrolled_function():
   """``ScoreNet(scan_blocks=True)`` with the parameters of the unrolled
   network moved by ``scanned_params``: the same outputs and gradients (to
@@ -420,15 +434,7 @@ def test_scanned_score_net_is_the_unrolled_function():
   is seen, at a thousand times the tolerance."""
   common = dict(width=8, num_blocks=3, num_groups=4, dropout=0.0)
   unrolled, scanned = ScoreNet(**common), ScoreNet(**common, scan_blocks=True)
-  z = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
-  gamma = jnp.array([-5.0, 2.0])
-  params = unrolled.init(jax.random.key(1), z, gamma)["params"]
-  # Move every parameter off its initial value (the zero-initialised
-  # second convolutions would make every block the identity).
-  keys = iter(jax.random.split(jax.random.key(2),
-                               len(jax.tree.leaves(params))))
-  params = jax.tree.map(
-      lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params)
+  z, gamma, params = _net_inputs_and_moved_params(unrolled)
   mapped = scanned_params(params, 3)
   reference = jax.eval_shape(scanned.init, jax.random.key(1), z,
                              gamma)["params"]
@@ -496,13 +502,7 @@ def test_bfloat16_score_net_keeps_float32_params_and_the_function(
                 scan_blocks=scan_blocks)
   f32 = ScoreNet(**common)
   bf16 = ScoreNet(**common, dtype=jnp.bfloat16)
-  z = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
-  gamma = jnp.array([-5.0, 2.0])
-  params = f32.init(jax.random.key(1), z, gamma)["params"]
-  keys = iter(jax.random.split(jax.random.key(2),
-                               len(jax.tree.leaves(params))))
-  params = jax.tree.map(
-      lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params)
+  z, gamma, params = _net_inputs_and_moved_params(f32)
   shapes = jax.eval_shape(bf16.init, jax.random.key(1), z, gamma)["params"]
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
