@@ -59,6 +59,7 @@ import ml_collections
 
 from gm_jax import losses, schema
 from gm_jax.diffusion import (
+  layers,
   objectives,
   ode,
   samplers,
@@ -69,7 +70,7 @@ from gm_jax.diffusion.unet import UNet
 from gm_jax.family import Family, LossState
 
 SAMPLERS = ("ddpm", "ddim")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = layers.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,9 @@ from gm_jax.initializers import fan_avg_uniform  # noqa: F401  (re-export)
 
 Array = jax.Array
 Dtype = Any
+# The computation dtypes a config may name (``model.dtype`` of the DDPM and
+# VDM families); parameters stay float32 under either.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 

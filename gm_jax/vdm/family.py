@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gm_jax import losses, schema
+from gm_jax.diffusion import layers
 from gm_jax.family import Family
 from gm_jax.vdm import bound
 from gm_jax.vdm.network import ScoreNet
@@ -103,7 +104,7 @@ class VDMConfig(schema.ModelConfig):
   sample_steps: int = 1000
   sample_decode: str = schema.choice("argmax", DECODES)
   scan_layers: bool = False
-  dtype: str = schema.choice("float32", ("float32", "bfloat16"))
+  dtype: str = schema.choice("float32", tuple(layers.DTYPES))
 
   def validate(self):
     schema.require(self.gamma_max > self.gamma_min, "gamma_max",
@@ -158,7 +159,7 @@ class VDM:
                         fourier_exponents=cfg.fourier_exponents,
                         gamma_range=(cfg.gamma_min, cfg.gamma_max),
                         scan_blocks=cfg.scan_layers,
-                        dtype=jnp.dtype(cfg.dtype))
+                        dtype=layers.DTYPES[cfg.dtype])
 
   @property
   def variance_trained(self) -> bool:
