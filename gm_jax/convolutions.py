@@ -382,8 +382,8 @@ def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
     if kernel_tangent == "matmul":
       patches = _patches(x, (kh, kw), strides, padding, y.shape[1:3])
       # Linear in dkernel; reverse mode transposes it into patches^T @ dy.
-      dy = dy + jnp.dot(patches, dkernel.reshape(kh * kw * cin, cout),
-                        precision=precision)
+      dy = dy + dot_general(patches, dkernel.reshape(kh * kw * cin, cout),
+                            (((3,), (0,)), ((), ())), precision=precision)
     else:
       def kernel_tangent(images):
         return _conv_specs(
@@ -412,6 +412,42 @@ def _cpu_conv_jvp(strides, padding, precision, kernel_tangent, primals,
   return y, dy
 
 
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
+                precision=None, preferred_element_type=None,
+                **kwargs) -> jax.Array:
+  """``lax.dot_general``, with a layer's product over images computed as one
+  2-D matrix product: where ``lhs`` contracts its trailing axes with
+  ``rhs``'s leading ones and has no batch axes (a dense layer or a 1x1
+  convolution on [B, H, W, C]), the leading axes are merged first.
+
+  The same function. Why: JAX's derivative of the 4-D product takes the
+  kernel gradient as a contraction over (batch, height, width), and XLA:CPU
+  computed it with a transposed copy of the output gradient, off its fast
+  path. 1x1 convolution at 28x28, batch 64, forward and both gradients, 2
+  cores (AVX-512, 2026-11-30): 64 -> 128 43-61 ms -> 20 ms, 128 -> 64 29 ->
+  22 ms, 64 -> 64 16.6 -> 12.5 ms. Merging leading axes of a contiguous
+  array is free on every backend, and on a GPU the product is the same
+  cuBLAS call either way. Flax's ``Dense`` and ``DenseGeneral`` take this
+  as ``dot_general=``.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  free = lhs.ndim - n
+  if (lhs_batch or rhs_batch or free < 2
+      or tuple(lhs_contract) != tuple(range(free, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers,
+                               precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               **kwargs)
+  inner = int(np.prod(lhs.shape[free:], dtype=np.int64))
+  out = jax.lax.dot_general(
+      lhs.reshape(-1, inner), rhs.reshape(inner, -1),
+      (((1,), (0,)), ((), ())), precision=precision,
+      preferred_element_type=preferred_element_type, **kwargs)
+  return out.reshape(lhs.shape[:free] + rhs.shape[n:])
+
+
 KERNEL_GRADS = ("auto", "matmul", "conv", "xla")
 
 
@@ -431,7 +467,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   kh, kw = kernel.shape[:2]
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0),) * 2:
-    return jnp.dot(x, kernel[0, 0], precision=precision)
+    return dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())),
+                       precision=precision)
   mode = kernel_grad
   if mode == "auto":
     out_hw = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(

@@ -400,6 +400,81 @@ def test_conv_gradients_inside_a_loop_compile_to_canonical_convolutions(
                grads, grads_xla)
 
 
+DOT_CASES = {
+    # name: (lhs shape, rhs shape, dimension numbers); the first three are
+    # merged into one 2-D product, the others go to lax.dot_general as is.
+    "dense on images": ((2, 5, 4, 6), (6, 7), (((3,), (0,)), ((), ()))),
+    "into heads": ((2, 9, 6), (6, 3, 2), (((2,), (0,)), ((), ()))),
+    "out of heads": ((2, 9, 3, 2), (3, 2, 6), (((2, 3), (0, 1)), ((), ()))),
+    "a matrix": ((5, 6), (6, 7), (((1,), (0,)), ((), ()))),
+    "batched": ((2, 9, 6), (2, 6, 4), (((2,), (1,)), ((0,), (0,)))),
+    "leading contraction": ((6, 2, 5), (6, 7), (((0,), (0,)), ((), ()))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DOT_CASES))
+def test_dot_general_is_lax_dot_general(case):
+  """convolutions.dot_general (flax's Dense and DenseGeneral take it) equals
+  lax.dot_general in values, reverse-mode gradients of both operands and
+  forward-mode derivatives, whether it merges the leading axes or not."""
+  lhs_shape, rhs_shape, numbers = DOT_CASES[case]
+  lhs = jax.random.normal(jax.random.key(0), lhs_shape)
+  rhs = jax.random.normal(jax.random.key(1), rhs_shape)
+  close = lambda a, b: np.testing.assert_allclose(  # noqa: E731
+      a, b, rtol=1e-5, atol=1e-5)
+  ours = lambda a, b: convolutions.dot_general(a, b, numbers)  # noqa: E731
+  ref = lambda a, b: jax.lax.dot_general(a, b, numbers)  # noqa: E731
+  assert ours(lhs, rhs).shape == ref(lhs, rhs).shape
+  close(ours(lhs, rhs), ref(lhs, rhs))
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
+  jax.tree.map(close, jax.grad(loss(ours), (0, 1))(lhs, rhs),
+               jax.grad(loss(ref), (0, 1))(lhs, rhs))
+  tangents = (jnp.cos(lhs), jnp.sin(rhs))
+  close(jax.jvp(loss(ours), (lhs, rhs), tangents)[1],
+        jax.jvp(loss(ref), (lhs, rhs), tangents)[1])
+
+
+def test_dense_layers_on_images_keep_flax_parameters_and_values():
+  """Dense and DenseGeneral with dot_general=convolutions.dot_general: the
+  same parameters and outputs as without it (the option changes how the
+  product is computed, not the layer)."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4, 6))
+  for make in (lambda **kw: nn.Dense(7, **kw),
+               lambda **kw: nn.DenseGeneral((3, 2), **kw),
+               lambda **kw: nn.DenseGeneral(5, axis=(-2, -1), **kw)):
+    reference, ours = make(), make(dot_general=convolutions.dot_general)
+    variables = same_init_then_perturbed(reference, ours, x)
+    np.testing.assert_allclose(ours.apply(variables, x),
+                               reference.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_gradient_of_a_dense_layer_on_images_needs_no_transpose():
+  """The kernel gradient of a dense layer (or 1x1 convolution) on
+  [B, H, W, C] is one product of the flattened input and output gradient:
+  the compiled gradient holds no transpose and no copy. lax.dot_general's
+  own 4-D product, which XLA:CPU computed with a transposed copy of the
+  output gradient (2-3x slower, benchmarks/README.md, tenth pass), has
+  both, which shows that the check can fail."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the layout concerns the CPU backend")
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 32))
+
+  def moves(dot):
+    loss = lambda w, x: jnp.sum(jnp.sin(  # noqa: E731
+        dot(x, w, (((3,), (0,)), ((), ())))))
+    text = jax.jit(jax.grad(loss, (0, 1))).lower(w, x).compile().as_text()
+    return len(re.findall(r" (?:transpose|copy)\(", text))
+  assert moves(convolutions.dot_general) == 0
+  assert moves(jax.lax.dot_general) > 0
+  conv_1x1 = Conv(32, (1, 1))
+  variables = conv_1x1.init(jax.random.key(2), x)
+  text = jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(
+      conv_1x1.apply(v, x))), (0, 1))).lower(variables, x).compile().as_text()
+  assert not re.findall(r" (?:transpose|copy)\(", text)
+
+
 def test_conv_rejects_a_bad_option_or_shape():
   x = jnp.ones((2, 6, 6, 4))
   with pytest.raises(ValueError, match="kernel_grad"):

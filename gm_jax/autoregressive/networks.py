@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from gm_jax import trees
 from gm_jax.autoregressive import layers
-from gm_jax.convolutions import Conv
+from gm_jax.convolutions import Conv, dot_general
 
 Array = jax.Array
 
@@ -263,7 +263,8 @@ class GatedResnet(nn.Module):
     else:  # The cache keeps x; concat_elu(0) = 0 keeps the padding zero.
       y = conv1(x, position, activation=layers.concat_elu)
     if skip is not None:
-      y = y + layers.weight_normed(nn.Dense, wn, n)(layers.concat_elu(skip))
+      y = y + layers.weight_normed(nn.Dense, wn, n, dot_general=dot_general)(
+          layers.concat_elu(skip))
     if position is None:
       y = layers.concat_elu(y)
       y = nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -417,9 +418,10 @@ class PixelCNNPlusPlus(nn.Module):
             layers.DownRightShiftedConvTranspose(nf, weight_norm=wn)))
     total = self.num_groups * self.num_outputs
     if self.num_groups == 1:
-      head = (layers.weight_normed(nn.Dense, wn, total),)
+      head = (layers.weight_normed(nn.Dense, wn, total,
+                                   dot_general=dot_general),)
     else:
-      head = (layers.weight_normed(nn.Dense, wn, nf),
+      head = (layers.weight_normed(nn.Dense, wn, nf, dot_general=dot_general),
               layers.MaskedConv(nf, (1, 1), "A", self.num_groups),
               layers.MaskedConv(total, (1, 1), "B", self.num_groups))
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gm_jax.convolutions import Conv
+from gm_jax.convolutions import Conv, dot_general
 from gm_jax.initializers import fan_avg_uniform  # noqa: F401  (re-export)
 
 Array = jax.Array
@@ -159,14 +159,15 @@ class AttentionBlock(nn.Module):
     h = h.reshape(b, hgt * wid, ch)  # [B, N, C]
     dense = lambda name, init=default_init: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), kernel_init=init, dtype=self.dtype,
-        name=name)
+        dot_general=dot_general, name=name)
     q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)  # [B, N, heads, d]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                         preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     out = nn.DenseGeneral(ch, axis=(-2, -1), kernel_init=zero_init,
-                          dtype=self.dtype, name="proj_out")(out)  # [B, N, C]
+                          dtype=self.dtype, dot_general=dot_general,
+                          name="proj_out")(out)  # [B, N, C]
     return x + out.reshape(b, hgt, wid, ch)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from gm_jax.convolutions import Conv
+from gm_jax.convolutions import Conv, dot_general
 from gm_jax.flows import splines
 from gm_jax.losses import PIXEL_VALUES, sum_except_batch
 
@@ -340,8 +340,9 @@ class ActNorm(Bijector):
 
 
 def _apply_channel_matrix(x: Array, w: Array) -> Array:
-  """A 1x1 convolution: y[..., i] = sum_j w[i, j] x[..., j]."""
-  return jnp.einsum("...j,ij->...i", x, w)
+  """A 1x1 convolution: y[..., i] = sum_j w[i, j] x[..., j], as one matrix
+  product over all positions (``convolutions.dot_general``)."""
+  return dot_general(x, w.T, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class Invertible1x1Conv(Bijector):
