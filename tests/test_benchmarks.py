@@ -240,3 +240,109 @@ def test_conv_forward_times_both_formulations_per_library():
   rows = [line for line in proc.stdout.splitlines()
           if line.startswith("| 2x8x4x4 |")]
   assert [r.split(" | ")[2] for r in rows] == ["eigen", "ynnpack", "xla"]
+
+
+def test_layer_costs_lists_the_forward_layers_once_each(monkeypatch):
+  """From a gradient's jaxpr, layer_costs takes the forward pass's
+  convolutions and products only (not the backward pass's), each distinct
+  layer once with how often it runs (a scan's length), and their FLOPs sum
+  to the forward pass's."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import flops
+  import jax
+  import jax.numpy as jnp
+  import layer_costs
+
+  from gm_jax import convolutions
+
+  x = jnp.ones((2, 6, 6, 3))
+  k = jnp.ones((3, 3, 3, 4))
+  w = jnp.ones((4, 5))
+
+  def forward(x, k, w):
+    h = convolutions.conv2d(x, k, (1, 1), ((1, 1), (1, 1)))
+    h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ jnp.eye(4)), None), h, None,
+                     length=3)[0]
+    return jnp.sum(jnp.sin(convolutions.dot_general(
+        h, w, (((3,), (0,)), ((), ())))))
+
+  grad = jax.jit(jax.grad(forward, (0, 1, 2))).trace(x, k, w)
+  layers = layer_costs.forward_layers(grad.jaxpr)
+  assert sorted((layer_costs.label(r), r["count"]) for r in layers) == [
+      ("conv 3x3 3->4 /1x1 6x6 B2", 1),
+      ("dot 2x6x6x4 . 4x4", 3),
+      ("dot 72x4 . 4x5", 1),
+  ]
+  total = sum(r["count"] * r["flops"] for r in layers)
+  assert total == flops.traced_flops(jax.jit(forward).trace(x, k, w))[0]
+
+
+@pytest.mark.parametrize("padding,strides,groups", [
+    (((1, 0), (1, 1)), (1, 1), 1),  # PixelCNN's cropped masked kernel
+    (((1, 1), (1, 1)), (2, 1), 1),
+    (((0, 0), (0, 0)), (1, 1), 2),
+])
+def test_layer_costs_torch_plans_compute_the_same_layer(padding, strides,
+                                                        groups, monkeypatch):
+  """layer_costs_torch.py's translations, replayed with JAX in PyTorch's
+  layouts (NCHW, OIHW, explicit padding then symmetric): the same
+  convolution and the same product as the layer they describe."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import jax
+  import jax.numpy as jnp
+  import layer_costs
+  import layer_costs_torch
+  import numpy as np
+
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
+  k = jax.random.normal(jax.random.key(1), (2, 3, 4 // groups, 6))
+  conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+  layer = layer_costs.forward_layers(jax.make_jaxpr(conv)(x, k))[0]
+  plan = layer_costs_torch.conv_plan(json.loads(json.dumps(layer)))
+  xt, kt = x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1)
+  assert list(xt.shape) == plan["x_shape"]
+  assert list(kt.shape) == plan["w_shape"]
+  if plan["pad"] is not None:
+    left, right, top, bottom = plan["pad"]
+    xt = jnp.pad(xt, ((0, 0), (0, 0), (top, bottom), (left, right)))
+  kw = plan["kwargs"]
+  out = jax.lax.conv_general_dilated(
+      xt, kt, kw["stride"], [(p, p) for p in kw["padding"]],
+      rhs_dilation=kw["dilation"], feature_group_count=kw["groups"],
+      dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  np.testing.assert_allclose(out.transpose(0, 2, 3, 1), conv(x, k),
+                             rtol=1e-5, atol=1e-5)
+
+  for lhs_shape, rhs_shape, numbers in [
+      ((3, 5, 4), (3, 4, 2), (((2,), (1,)), ((0,), (0,)))),
+      ((6, 3), (6, 2), (((0,), (0,)), ((), ()))),
+      ((2, 4, 3, 5), (3, 5, 7), (((2, 3), (0, 1)), ((), ())))]:
+    a = jax.random.normal(jax.random.key(2), lhs_shape)
+    b = jax.random.normal(jax.random.key(3), rhs_shape)
+    product = lambda a, b, n=numbers: jax.lax.dot_general(a, b, n)  # noqa: E731
+    layer = layer_costs.forward_layers(jax.make_jaxpr(product)(a, b))[0]
+    np.testing.assert_allclose(
+        np.einsum(layer_costs_torch.einsum_spec(layer), a, b), product(a, b),
+        rtol=1e-5, atol=1e-5)
+
+
+def test_layer_costs_prints_every_layer_and_names_a_missing_peer():
+  """layer_costs.py on a tiny config: one row per distinct layer, the sums
+  against the whole step, and, when the PyTorch side cannot run (here: an
+  interpreter without torch), one line saying so, the gm_jax side intact."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/layer_costs.py",
+       "--config=configs/pixelcnn_mnist.py:smoke", "--steps=1", "--reps=1",
+       f"--peer_python={sys.executable}"],
+      cwd=REPO, env=script_env(), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "PyTorch side not timed" in proc.stderr
+  assert "No module named 'torch'" in proc.stderr
+  rows = [line for line in proc.stdout.splitlines()
+          if line.startswith("| conv") or line.startswith("| dot")]
+  assert len(rows) == 6, proc.stdout
+  assert sum(" 1->" in row for row in rows) == 1  # the type A layer
+  assert "whole gm_jax train step" in proc.stdout
