@@ -346,3 +346,25 @@ def test_layer_costs_prints_every_layer_and_names_a_missing_peer():
   assert len(rows) == 6, proc.stdout
   assert sum(" 1->" in row for row in rows) == 1  # the type A layer
   assert "whole gm_jax train step" in proc.stdout
+
+
+def test_peer_profile_groups_pytorch_operators(monkeypatch):
+  """peer_profile.py's table: PyTorch's operators summed per group per step
+  (convolutions forward and backward together, products, normalisations,
+  the optimizer, the rest), without torch installed."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import peer_profile
+
+  events = [("aten::mkldnn_convolution", 2000.0),
+            ("aten::convolution_backward", 4000.0), ("aten::bmm", 600.0),
+            ("aten::native_group_norm", 300.0),
+            ("aten::linalg_vector_norm", 100.0),
+            ("Optimizer.step#Adam.step", 200.0), ("aten::mul", 800.0)]
+  table = peer_profile.report(events, steps=2)
+  assert "self CPU time per step: 4.0 ms" in table
+  assert "| convolutions | 3.0 | 75% |" in table
+  assert "| rest | 0.4 | 10% |" in table
+  assert "| normalisations | 0.2 | 5% |" in table
+  assert "| matrix products | 0.3 | 8% |" in table
+  assert "| optimizer | 0.1 | 2% |" in table
+  assert "| `aten::convolution_backward` | convolutions | 2.00 |" in table
