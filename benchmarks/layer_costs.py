@@ -14,8 +14,10 @@ So this times the layers one at a time instead:
    backward pass) are not listed: each forward layer is timed with its
    gradients.
 3. Each distinct layer is jitted alone, on random operands of its shapes
-   and dtype, with the trainer's CPU compile options: its forward pass, and
-   its forward pass plus the gradients of both operands. Convolutions in
+   and dtype, with the trainer's CPU compile options, and timed four ways:
+   its forward pass, and its forward pass with the gradient of the input,
+   of the kernel, and of both. The sums subtract the forward pass to say
+   which gradient loses. Convolutions in
    NHWC / HWIO run through ``gm_jax.convolutions.conv2d``, as the models'
    ``Conv`` layers do (kernel gradients included); others through
    ``lax.conv_general_dilated`` with JAX's own derivative.
@@ -177,8 +179,9 @@ def _median_ms(fn, args, reps: int) -> float:
 
 
 def time_layer(layer: dict, compiler_options, reps: int) -> dict:
-  """{"forward_ms", "train_ms"} of ``layer`` alone in gm_jax: the forward
-  pass, and the forward pass with both operands' gradients."""
+  """``layer`` alone in gm_jax, median ms of: the forward pass
+  ("forward_ms"), the forward pass with the gradient of the input
+  ("input_ms"), of the kernel ("kernel_ms"), and of both ("train_ms")."""
   import jax
   import jax.numpy as jnp
   dtype = jnp.dtype(layer["dtype"])
@@ -189,12 +192,18 @@ def time_layer(layer: dict, compiler_options, reps: int) -> dict:
   forward = jax.jit(fn, compiler_options=compiler_options)
   g = jax.random.normal(jax.random.PRNGKey(2), forward(x, w).shape, dtype)
 
-  def with_gradients(x, w, g):
-    y, pullback = jax.vjp(fn, x, w)
-    return y, pullback(g)
-  train = jax.jit(with_gradients, compiler_options=compiler_options)
-  return dict(forward_ms=_median_ms(forward, (x, w), reps),
-              train_ms=_median_ms(train, (x, w, g), reps))
+  def with_gradients(wrt):
+    def run(x, w, g):
+      y, pullback = jax.vjp(wrt, x, w)
+      return y, pullback(g)
+    return jax.jit(run, compiler_options=compiler_options)
+  return dict(
+      forward_ms=_median_ms(forward, (x, w), reps),
+      input_ms=_median_ms(with_gradients(
+          lambda x, w: fn(x, jax.lax.stop_gradient(w))), (x, w, g), reps),
+      kernel_ms=_median_ms(with_gradients(
+          lambda x, w: fn(jax.lax.stop_gradient(x), w)), (x, w, g), reps),
+      train_ms=_median_ms(with_gradients(fn), (x, w, g), reps))
 
 
 def torch_times(layers: list[dict], python: str, reps: int) -> list[dict]:
@@ -213,39 +222,57 @@ def torch_times(layers: list[dict], python: str, reps: int) -> list[dict]:
   return result["layers"], result["torch"]
 
 
+COLUMNS = (("forward_ms", "forward"), ("input_ms", "+ input gradient"),
+           ("kernel_ms", "+ kernel gradient"), ("train_ms", "+ both"))
+
+
 def table(rows: list[dict], step_ms: float, with_torch: bool) -> str:
-  """The Markdown table of ``rows`` (layers with their times) and the sums."""
-  head = ["layer", "per step", "GFLOP", "gm_jax forward ms",
-          "gm_jax forward + grads ms"]
+  """The Markdown table of ``rows`` (layers with their times) and the sums:
+  times in ms, "gm_jax / PyTorch" with ``with_torch``."""
+  who = " (gm_jax / PyTorch)" if with_torch else ""
+  head = (["layer", "per step", "GFLOP"]
+          + [f"{name} ms{who}" for _, name in COLUMNS])
   if with_torch:
-    head += ["PyTorch forward ms", "PyTorch forward + grads ms",
-             "gm_jax / PyTorch speed (forward + grads)"]
+    head.append("gm_jax speed / PyTorch's (+ both)")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  timed = [r for r in rows if "train_ms" in r.get("torch", {})]
 
   def ratio(ours, theirs):
     return f"{theirs / ours:.2f}x" if ours and theirs else "n/a"
   for r in rows:
-    cells = [label(r), f"{r['count']:g}", f"{r['flops'] / 1e9:.3f}",
-             f"{r['forward_ms']:.2f}", f"{r['train_ms']:.2f}"]
+    cells = [label(r), f"{r['count']:g}", f"{r['flops'] / 1e9:.3f}"]
+    theirs = r.get("torch", {})
+    for key, _ in COLUMNS:
+      cells.append(f"{r[key]:.2f}" + (
+          "" if not with_torch else
+          f" / {theirs[key]:.2f}" if key in theirs else " / skipped"))
     if with_torch:
-      t = r.get("torch", {})
-      cells += ([f"{t['forward_ms']:.2f}", f"{t['train_ms']:.2f}",
-                 ratio(r["train_ms"], t["train_ms"])]
-                if "train_ms" in t else ["skipped"] * 2 + ["n/a"])
+      cells.append(ratio(r["train_ms"], theirs.get("train_ms")))
     lines.append("| " + " | ".join(cells) + " |")
-  ours = sum(r["count"] * r["train_ms"] for r in rows)
-  lines.append("")
-  lines.append(f"whole gm_jax train step: {step_ms:.1f} ms; its layers alone,"
-               f" forward + gradients, summed over the step: {ours:.1f} ms"
-               f" ({100 * ours / step_ms:.0f}%); the rest (elementwise,"
-               f" normalisation, loss, optimizer): {step_ms - ours:.1f} ms")
+
+  def total(rows, key, side=None):
+    return sum(r["count"] * (r[side] if side else r)[key] for r in rows)
+  ours = total(rows, "train_ms")
+  lines += ["", f"whole gm_jax train step: {step_ms:.1f} ms; its layers"
+            " alone, forward + gradients, summed over the step:"
+            f" {ours:.1f} ms ({100 * ours / step_ms:.0f}%); the rest"
+            " (elementwise, normalisation, loss, optimizer):"
+            f" {step_ms - ours:.1f} ms"]
   if with_torch:
-    timed = [r for r in rows if "train_ms" in r.get("torch", {})]
-    theirs = sum(r["count"] * r["torch"]["train_ms"] for r in timed)
-    same = sum(r["count"] * r["train_ms"] for r in timed)
-    lines.append(f"the same layers in PyTorch: {theirs:.1f} ms against"
-                 f" gm_jax's {same:.1f} ms ({ratio(same, theirs)} speed;"
-                 f" {len(rows) - len(timed)} layer kinds skipped)")
+    lines.append(f"the same layers in PyTorch ({len(rows) - len(timed)}"
+                 " layer kinds skipped), summed over the step, gm_jax /"
+                 " PyTorch ms:")
+    forward = (total(timed, "forward_ms"),
+               total(timed, "forward_ms", "torch"))
+    for key, name in COLUMNS:
+      both = (total(timed, key), total(timed, key, "torch"))
+      if key in ("input_ms", "kernel_ms"):
+        name = name[2:] + " alone (column minus forward)"
+        both = (both[0] - forward[0], both[1] - forward[1])
+      elif key == "train_ms":
+        name = "forward + both gradients"
+      lines.append(f"- {name}: {both[0]:.1f} / {both[1]:.1f}"
+                   f" ({ratio(*both)} speed)")
   return "\n".join(lines)
 
 

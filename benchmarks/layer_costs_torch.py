@@ -12,8 +12,8 @@ where the timing starts, and the translations (``conv_plan``,
 writes): a convolution's operand shapes, layout specs, strides, padding,
 dilations and groups, or a matrix product's shapes and dimension numbers.
 For each, this writes to ``out.json`` the median milliseconds of the
-forward pass (``torch.no_grad``) and of the forward pass plus the gradients
-of both operands, the way the peers train: float32, eager, 2 intra-op
+forward pass (``torch.no_grad``) and of the forward pass plus the gradient
+of the input, of the kernel, and of both, the way the peers train: float32, eager, 2 intra-op
 threads and 1 inter-op thread, tensors in PyTorch's own layout (NCHW
 images, OIHW kernels). Asymmetric padding is an explicit ``F.pad`` before
 a padding-free convolution (``F.conv2d`` pads both sides alike); input
@@ -115,14 +115,20 @@ def time_layer(layer, reps: int) -> dict:
   with torch.no_grad():
     y = forward(x, w)
     forward_ms = _median_ms(lambda: forward(x, w), reps)
-  x.requires_grad_(True)
-  w.requires_grad_(True)
   g = torch.randn_like(y)
 
-  def step():
-    x.grad = w.grad = None
-    forward(x, w).backward(g)
-  return {"forward_ms": forward_ms, "train_ms": _median_ms(step, reps)}
+  def with_gradients(of_x: bool, of_w: bool) -> float:
+    x.requires_grad_(of_x)
+    w.requires_grad_(of_w)
+
+    def step():
+      x.grad = w.grad = None
+      forward(x, w).backward(g)
+    return _median_ms(step, reps)
+  return {"forward_ms": forward_ms,
+          "input_ms": with_gradients(True, False),
+          "kernel_ms": with_gradients(False, True),
+          "train_ms": with_gradients(True, True)}
 
 
 def main() -> None:

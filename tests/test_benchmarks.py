@@ -368,3 +368,26 @@ def test_peer_profile_groups_pytorch_operators(monkeypatch):
   assert "| matrix products | 0.3 | 8% |" in table
   assert "| optimizer | 0.1 | 2% |" in table
   assert "| `aten::convolution_backward` | convolutions | 2.00 |" in table
+
+
+def test_layer_costs_table_sums_over_the_step(monkeypatch):
+  """The table's sums weigh each layer by its runs per step, and a
+  gradient alone is its column minus the forward pass, on both sides."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import layer_costs
+
+  layer = dict(kind="dot", lhs_shape=[8, 4], rhs_shape=[4, 2],
+               dtype="float32", dimension_numbers=[[[1], [0]], [[], []]],
+               flops=128, count=3, forward_ms=1.0, input_ms=2.0,
+               kernel_ms=4.0, train_ms=5.0,
+               torch=dict(forward_ms=2.0, input_ms=3.0, kernel_ms=4.0,
+                          train_ms=6.0))
+  text = layer_costs.table([layer], step_ms=20.0, with_torch=True)
+  assert "| dot 8x4 . 4x2 | 3 | 0.000 | 1.00 / 2.00 | 2.00 / 3.00 |" in text
+  assert "| 1.20x |" in text
+  assert "summed over the step: 15.0 ms (75%)" in text
+  assert "the rest (elementwise, normalisation, loss, optimizer): 5.0 ms" in text
+  assert "- forward: 3.0 / 6.0 (2.00x speed)" in text
+  assert "- input gradient alone (column minus forward): 3.0 / 3.0" in text
+  assert "- kernel gradient alone (column minus forward): 9.0 / 6.0 (0.67x" in text
+  assert "- forward + both gradients: 15.0 / 18.0 (1.20x speed)" in text
