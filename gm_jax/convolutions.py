@@ -25,7 +25,8 @@ with two changes in how XLA is asked to compute it, neither changing the
 function:
 
 * a 1x1 stride-1 convolution is a matrix product over the channel axis, and
-  is written as one (its gradients are then matrix products too);
+  is written as one 2-D product over all positions (``dot_general``; its
+  gradients are then 2-D products too, with no transposed copy);
 * on the CPU backend, the gradient with respect to the kernel is a
   convolution over groups of images (``kernel_grad_group``), summed.
   XLA:CPU's kernel gradient falls off a cliff as the layer grows (a large
