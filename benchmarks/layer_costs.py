@@ -40,17 +40,16 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 # bench_train defines --config (with --config.KEY=VALUE overrides) and
 # --steps, the timed whole steps.
 import bench_train
 import flops as flops_lib
 from absl import flags
+from conv_forward import median_ms
 
 from gm_jax import launch
 
@@ -166,18 +165,6 @@ def _layer_fn(layer: dict):
       batch_group_count=layer["batch_group_count"])
 
 
-def _median_ms(fn, args, reps: int) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
-
-
 def time_layer(layer: dict, compiler_options, reps: int) -> dict:
   """``layer`` alone in gm_jax, median ms of: the forward pass
   ("forward_ms"), the forward pass with the gradient of the input
@@ -198,12 +185,12 @@ def time_layer(layer: dict, compiler_options, reps: int) -> dict:
       return y, pullback(g)
     return jax.jit(run, compiler_options=compiler_options)
   return dict(
-      forward_ms=_median_ms(forward, (x, w), reps),
-      input_ms=_median_ms(with_gradients(
-          lambda x, w: fn(x, jax.lax.stop_gradient(w))), (x, w, g), reps),
-      kernel_ms=_median_ms(with_gradients(
-          lambda x, w: fn(jax.lax.stop_gradient(x), w)), (x, w, g), reps),
-      train_ms=_median_ms(with_gradients(fn), (x, w, g), reps))
+      forward_ms=median_ms(forward, x, w, reps=reps),
+      input_ms=median_ms(with_gradients(
+          lambda x, w: fn(x, jax.lax.stop_gradient(w))), x, w, g, reps=reps),
+      kernel_ms=median_ms(with_gradients(
+          lambda x, w: fn(jax.lax.stop_gradient(x), w)), x, w, g, reps=reps),
+      train_ms=median_ms(with_gradients(fn), x, w, g, reps=reps))
 
 
 def torch_times(layers: list[dict], python: str, reps: int) -> list[dict]:
