@@ -17,10 +17,12 @@ So this times the layers one at a time instead:
    and dtype, with the trainer's CPU compile options, and timed four ways:
    its forward pass, and its forward pass with the gradient of the input,
    of the kernel, and of both. The sums subtract the forward pass to say
-   which gradient loses. Convolutions in
-   NHWC / HWIO run through ``gm_jax.convolutions.conv2d``, as the models'
-   ``Conv`` layers do (kernel gradients included); others through
-   ``lax.conv_general_dilated`` with JAX's own derivative.
+   which gradient loses. (The first layer's input gradient is timed too,
+   on both sides, though training never computes it: the images are not
+   parameters.) Convolutions in NHWC / HWIO run through
+   ``gm_jax.convolutions.conv2d``, as the models' ``Conv`` layers do
+   (kernel gradients included); others through ``lax.conv_general_dilated``
+   with JAX's own derivative.
 4. With ``--peer_python`` (the PyTorch peers' interpreter), the same layers
    are timed in eager PyTorch by ``layer_costs_torch.py``.
 
