@@ -28,7 +28,7 @@ import math
 from jax.extend import core
 
 
-def _dot_flops(eqn) -> int:
+def dot_flops(eqn) -> int:
   lhs = eqn.invars[0].aval
   (lhs_contract, _), _ = eqn.params["dimension_numbers"]
   terms = math.prod(lhs.shape[d] for d in lhs_contract)
@@ -51,7 +51,7 @@ def _taps(n: int, k: int, stride: int, pad: tuple[int, int], lhs_dil: int,
   return count
 
 
-def _conv_flops(eqn) -> int:
+def conv_flops(eqn) -> int:
   # Per (output position, tap), every input feature of the kernel multiplies
   # once per output feature and batch element. The same holds for the
   # gradient convolutions of JAX's transpose rules (there the "kernel" is
@@ -72,14 +72,14 @@ def _conv_flops(eqn) -> int:
   return 2 * batch_and_features * rhs.shape[numbers.rhs_spec[1]] * taps
 
 
-def _sub_jaxprs(value):
+def sub_jaxprs(value):
   if isinstance(value, core.ClosedJaxpr):
     yield value.jaxpr
   elif isinstance(value, core.Jaxpr):
     yield value
   elif isinstance(value, (tuple, list)):
     for item in value:
-      yield from _sub_jaxprs(item)
+      yield from sub_jaxprs(item)
 
 
 def jaxpr_flops(jaxpr) -> tuple[int, bool]:
@@ -91,16 +91,16 @@ def jaxpr_flops(jaxpr) -> tuple[int, bool]:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":
-      total += _dot_flops(eqn)
+      total += dot_flops(eqn)
     elif name == "conv_general_dilated":
-      total += _conv_flops(eqn)
+      total += conv_flops(eqn)
     elif name == "cond":
       counts = [jaxpr_flops(b) for b in eqn.params["branches"]]
       total += max(c for c, _ in counts)
       exact &= all(e for _, e in counts)
     else:
       inner = [jaxpr_flops(j) for value in eqn.params.values()
-               for j in _sub_jaxprs(value)]
+               for j in sub_jaxprs(value)]
       times = eqn.params["length"] if name == "scan" else 1
       total += times * sum(c for c, _ in inner)
       exact &= all(e for _, e in inner) and name != "while"

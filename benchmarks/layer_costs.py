@@ -108,13 +108,13 @@ def forward_layers(jaxpr) -> list[dict]:
         key = json.dumps(layer, sort_keys=True)
         if key not in found:
           found[key] = dict(layer, count=0, flops=(
-              flops_lib._dot_flops(eqn) if name == "dot_general"  # noqa: SLF001
-              else flops_lib._conv_flops(eqn)))  # noqa: SLF001
+              flops_lib.dot_flops(eqn) if name == "dot_general"
+              else flops_lib.conv_flops(eqn)))
         found[key]["count"] += times
         continue
       inner = times * (eqn.params["length"] if name == "scan" else 1)
       for value in eqn.params.values():
-        for sub in flops_lib._sub_jaxprs(value):  # noqa: SLF001
+        for sub in flops_lib.sub_jaxprs(value):
           walk(sub, inner, under_transpose)
 
   if hasattr(jaxpr, "jaxpr"):
@@ -195,8 +195,10 @@ def time_layer(layer: dict, compiler_options, reps: int) -> dict:
       train_ms=median_ms(with_gradients(fn), x, w, g, reps=reps))
 
 
-def torch_times(layers: list[dict], python: str, reps: int) -> list[dict]:
-  """``layer_costs_torch.py``'s times of ``layers`` under ``python``."""
+def torch_times(layers: list[dict], python: str,
+                reps: int) -> tuple[list[dict], str]:
+  """(times of ``layers``, torch version) from ``layer_costs_torch.py``
+  under ``python``."""
   with tempfile.TemporaryDirectory() as tmp:
     spec, out = os.path.join(tmp, "layers.json"), os.path.join(tmp, "out.json")
     with open(spec, "w") as f:
